@@ -1,0 +1,9 @@
+# Cascade Mask R-CNN + FPN + SLaK-S on COCO, 3x: as the SLaK-T config with a depth-27 stage 3 (12 decay layers).
+_base_ = './cascade_mask_rcnn_slak_t_fpn_3x_coco.py'
+
+checkpoint = None  # SLaK-S ImageNet weights
+
+model = dict(
+    backbone=dict(arch='small', init_cfg=dict(checkpoint=checkpoint)),
+    neck=dict(in_channels=[124, 249, 499, 998]))
+optim_wrapper = dict(paramwise_cfg=dict(num_layers=12))

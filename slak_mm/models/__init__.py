@@ -1,0 +1,12 @@
+"""SLaK models. Registered in ``slak_mm``'s registry scope when mmengine is installed."""
+from .layers import LargeKernelConv, LayerNorm2d, fuse_bn, merge_decomposed_kernel
+from .slak import SLaK
+
+try:
+    from ..registry import MODELS
+except ImportError:  # torch + timm only
+    MODELS = None
+if MODELS is not None:
+    MODELS.register_module(module=SLaK)
+
+__all__ = ['SLaK', 'LargeKernelConv', 'LayerNorm2d', 'fuse_bn', 'merge_decomposed_kernel']

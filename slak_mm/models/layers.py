@@ -1,0 +1,191 @@
+"""Building blocks of SLaK: channels-first LayerNorm, depthwise conv+BN branches, the decomposed large-kernel module.
+
+Everything here needs torch only. Shapes follow PyTorch: conv weights (C, 1, kh, kw); M is a stage's long kernel edge,
+N the short edge (see docs/architecture in README and ../shared/docs/slak_reference.md §2).
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import dwconv2d
+
+_NORMS = {'BN': nn.BatchNorm2d, 'BN2d': nn.BatchNorm2d, 'SyncBN': nn.SyncBatchNorm}
+
+
+def build_branch_norm(norm_cfg: Dict, channels: int) -> nn.Module:
+    """BatchNorm for a large-kernel branch from an mm-style ``norm_cfg`` ('BN' | 'SyncBN', plus eps/momentum)."""
+    cfg = dict(norm_cfg)
+    norm_type = cfg.pop('type', None)
+    if norm_type not in _NORMS:
+        raise ValueError(f"SLaK: norm_cfg type {norm_type!r} is not supported for the large-kernel branches; "
+                         f"use one of {sorted(_NORMS)} (e.g. norm_cfg=dict(type='SyncBN') for multi-GPU training)")
+    requires_grad = cfg.pop('requires_grad', True)
+    norm = _NORMS[norm_type](channels, **cfg)
+    for p in norm.parameters():
+        p.requires_grad = requires_grad
+    return norm
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel dim of an NCHW tensor (SLaK's 'channels_first' LayerNorm), eps 1e-6."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """Stride-1 'same' depthwise conv (C groups) running through :func:`slak_mm.ops.dwconv2d`.
+
+    Padding is (kh // 2, kw // 2) per axis, so rectangular kernels keep the map size. Keeps ``nn.Conv2d``'s parameter
+    names and shapes, so checkpoints, FLOP counters and the sparse-training hook see an ordinary conv.
+    """
+
+    def __init__(self, channels: int, kernel_size: Tuple[int, int], bias: bool = False, conv_impl: str = 'auto'):
+        kh, kw = kernel_size
+        super().__init__(channels, channels, (kh, kw), padding=(kh // 2, kw // 2), groups=channels, bias=bias)
+        self.conv_impl = conv_impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dwconv2d(x, self.weight, self.bias, impl=self.conv_impl)
+
+
+class ConvBN(nn.Sequential):
+    """Depthwise conv (no bias) followed by its own BatchNorm: one branch of the large-kernel module."""
+
+    def __init__(self, channels: int, kernel_size: Tuple[int, int], norm_cfg: Dict, conv_impl: str = 'auto'):
+        super().__init__()
+        self.conv = DepthwiseConv2d(channels, kernel_size, bias=False, conv_impl=conv_impl)
+        self.bn = build_branch_norm(norm_cfg, channels)
+
+
+def fuse_bn(kernel: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fold an eval-mode BN into the preceding bias-free conv: returns (kernel * g / s, beta - mu * g / s)."""
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight / std
+    return kernel * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+
+def merge_decomposed_kernel(tall: Tuple[torch.Tensor, torch.Tensor], wide: Tuple[torch.Tensor, torch.Tensor],
+                            small: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge BN-folded (kernel, bias) pairs of the M×N, N×M and N×N branches into one centred M×M kernel and bias.
+
+    The result is the cross-shaped kernel (zero outside the two bands); exact zeros of sparse weights stay zero.
+    """
+    (k_tall, b_tall), (k_wide, b_wide) = tall, wide
+    m, n = k_tall.shape[2], k_tall.shape[3]
+    p = (m - n) // 2
+    kernel = F.pad(k_tall, (p, p, 0, 0)) + F.pad(k_wide, (0, 0, p, p))
+    bias = b_tall + b_wide
+    if small is not None:
+        kernel = kernel + F.pad(small[0], (p, p, p, p))
+        bias = bias + small[1]
+    return kernel, bias
+
+
+def is_cross_kernel(kernel: torch.Tensor, n: int) -> bool:
+    """True if an M×M kernel is zero outside the central N-wide row and column bands."""
+    m = kernel.shape[-1]
+    lo, hi = (m - n) // 2, (m + n) // 2
+    outside = kernel.detach().clone()
+    outside[..., lo:hi, :] = 0
+    outside[..., :, lo:hi] = 0
+    return not bool(outside.any())
+
+
+class LargeKernelConv(nn.Module):
+    """SLaK's large-kernel module: ``tall(x) + wide(x) + small(x)``, each a depthwise conv with its own BN.
+
+    layout='decomposed' (SLaK): tall (M, N) kernel, padding (M//2, N//2); wide (N, M), padding (N//2, M//2);
+    small (N, N), only if N < M. layout='dense' (the reference's ``lkb_origin`` / RepLKNet form): ``dense`` (M, M)
+    plus ``small``. After :meth:`switch_to_deploy` the module holds one merged M×M kernel with bias (``merged``).
+    """
+    LAYOUTS = ('decomposed', 'dense')
+
+    def __init__(self, channels: int, long_edge: int, short_edge: int, norm_cfg: Dict,
+                 conv_impl: str = 'auto', deploy: bool = False, layout: str = 'decomposed'):
+        super().__init__()
+        if layout not in self.LAYOUTS:
+            raise ValueError(f'large-kernel layout must be one of {self.LAYOUTS}, got {layout!r}')
+        self.channels, self.long_edge, self.short_edge = channels, long_edge, short_edge
+        self.conv_impl, self.layout = conv_impl, layout
+        self.deploy = deploy
+        m, n = long_edge, short_edge
+        if deploy:
+            self.merged = DepthwiseConv2d(channels, (m, m), bias=True, conv_impl=conv_impl)
+            self._register_load_state_dict_pre_hook(self._reset_cross_flag)
+        else:
+            if layout == 'decomposed':
+                self.tall = ConvBN(channels, (m, n), norm_cfg, conv_impl)
+                self.wide = ConvBN(channels, (n, m), norm_cfg, conv_impl)
+            else:
+                self.dense = ConvBN(channels, (m, m), norm_cfg, conv_impl)
+            self.small = ConvBN(channels, (n, n), norm_cfg, conv_impl) if n < m else None
+        self._cross: Optional[bool] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deploy:
+            return self._forward_merged(x)
+        out = self.tall(x) + self.wide(x) if self.layout == 'decomposed' else self.dense(x)
+        if self.small is not None:
+            out = out + self.small(x)
+        return out
+
+    def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
+        # A cross-shaped M×M kernel is run as two band convs (M×N, then N×M minus the shared centre): ~510 MACs per
+        # output instead of M² (2601 at M=51). Any other kernel (e.g. loaded from elsewhere) runs as one M×M conv.
+        w, b = self.merged.weight, self.merged.bias
+        if self._cross is None:
+            self._cross = is_cross_kernel(w, self.short_edge)
+        if not self._cross:
+            return dwconv2d(x, w, b, impl=self.conv_impl)
+        m, n = self.long_edge, self.short_edge
+        lo, hi = (m - n) // 2, (m + n) // 2
+        tall = w[:, :, :, lo:hi]
+        wide = w[:, :, lo:hi, :].clone()
+        wide[:, :, :, lo:hi] = 0
+        return dwconv2d(x, tall, b, impl=self.conv_impl) + dwconv2d(x, wide, None, impl=self.conv_impl)
+
+    def _reset_cross_flag(self, *args, **kwargs) -> None:
+        self._cross = None
+
+    @torch.no_grad()
+    def merged_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The exact eval-mode equivalent (M×M kernel, bias) of the three BN'd branches."""
+        if self.deploy:
+            return self.merged.weight.detach(), self.merged.bias.detach()
+        small = fuse_bn(self.small.conv.weight, self.small.bn) if self.small is not None else None
+        if self.layout == 'dense':
+            kernel, bias = fuse_bn(self.dense.conv.weight, self.dense.bn)
+            if small is not None:
+                p = (self.long_edge - self.short_edge) // 2
+                kernel, bias = kernel + F.pad(small[0], (p, p, p, p)), bias + small[1]
+            return kernel, bias
+        return merge_decomposed_kernel(fuse_bn(self.tall.conv.weight, self.tall.bn),
+                                       fuse_bn(self.wide.conv.weight, self.wide.bn), small)
+
+    @torch.no_grad()
+    def switch_to_deploy(self) -> None:
+        """Fold the BNs (running statistics) and merge the branches into ``merged``. No-op if already deployed."""
+        if self.deploy:
+            return
+        if self.training:
+            raise RuntimeError('switch_to_deploy() needs eval mode (it folds BN running statistics): '
+                               'call model.eval() first')
+        kernel, bias = self.merged_kernel_bias()
+        self.merged = DepthwiseConv2d(self.channels, (self.long_edge, self.long_edge), bias=True,
+                                      conv_impl=self.conv_impl).to(kernel)
+        self.merged.weight.copy_(kernel)
+        self.merged.bias.copy_(bias)
+        for name in ('tall', 'wide', 'dense', 'small'):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.deploy = True
+        self._cross = None
+        self._register_load_state_dict_pre_hook(self._reset_cross_flag)

@@ -1,0 +1,109 @@
+"""Deploy-time re-parameterisation: BN folded, three branches merged into one M×M kernel per block, exactly."""
+import pytest
+import torch
+
+from reference_impl import randomize_bn_and_scales
+from slak_mm.models import SLaK
+from slak_mm.models.checkpoint import CheckpointError
+from slak_mm.models.layers import LargeKernelConv, fuse_bn
+
+
+@pytest.mark.parametrize('arch,ks', [('tiny', [51, 49, 47, 13, 5]), ('small', [51, 49, 47, 13, 5]),
+                                     ('base', [51, 49, 47, 13, 5]), (dict(depths=[1, 1, 1, 1], dims=[8, 8, 8, 8]),
+                                                                      [31, 29, 27, 13, 3])])
+def test_deployed_backbone_matches_training_form(arch, ks):
+    torch.manual_seed(0)
+    model = SLaK(arch, kernel_size=ks).eval()
+    randomize_bn_and_scales(model)
+    x = torch.randn(1, 3, 96, 160)  # non-square; stage maps 24x40 .. 3x5 are all smaller than the kernels
+    with torch.no_grad():
+        before = model(x)
+        model.switch_to_deploy()
+        after = model(x)
+    assert model.deploy and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for a, b in zip(before, after):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_dense_layout_deploys_exactly():
+    torch.manual_seed(0)
+    model = SLaK(dict(depths=[1, 1, 1, 1], dims=[8, 8, 8, 8]), kernel_size=[13, 11, 9, 7, 3],
+                 kernel_layout='dense').eval()
+    randomize_bn_and_scales(model)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        before = model(x)
+        model.switch_to_deploy()
+        after = model(x)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_merged_kernel_is_the_centred_cross_and_keeps_sparse_zeros():
+    torch.manual_seed(0)
+    lk = LargeKernelConv(4, 11, 3, dict(type='BN')).eval()
+    randomize_bn_and_scales(lk)
+    with torch.no_grad():
+        for br in (lk.tall, lk.wide, lk.small):
+            br.conv.weight.mul_((torch.rand_like(br.conv.weight) > 0.4).float())  # 40% exact zeros
+    kernel, bias = lk.merged_kernel_bias()
+    assert kernel.shape == (4, 1, 11, 11)
+    # independent expectation: BN folded per branch, zero-padded to 11x11, summed
+    exp = torch.zeros(4, 1, 11, 11)
+    exp_b = torch.zeros(4)
+    for br, (r0, c0) in ((lk.tall, (0, 4)), (lk.wide, (4, 0)), (lk.small, (4, 4))):
+        s = br.bn.weight / (br.bn.running_var + br.bn.eps).sqrt()
+        kh, kw = br.conv.weight.shape[2:]
+        exp[:, :, r0:r0 + kh, c0:c0 + kw] += br.conv.weight * s[:, None, None, None]
+        exp_b += br.bn.bias - br.bn.running_mean * s
+    torch.testing.assert_close(kernel, exp)
+    torch.testing.assert_close(bias, exp_b)
+    outside = kernel.clone()
+    outside[:, :, 4:7, :] = 0
+    outside[:, :, :, 4:7] = 0
+    assert not outside.any()  # zero outside the cross
+    # outside the overlap only the tall branch contributes: its exact zeros stay exact zeros
+    assert torch.equal(kernel[:, 0, :4, 4:7] == 0, lk.tall.conv.weight[:, 0, :4, :] == 0)
+    assert (kernel[:, 0, :4, 4:7] == 0).any()
+
+
+def test_switch_to_deploy_twice_is_a_noop_and_training_mode_raises():
+    model = SLaK(dict(depths=[1, 1, 1, 1], dims=[8, 8, 8, 8]), kernel_size=[13, 11, 9, 7, 3])
+    with pytest.raises(RuntimeError, match='eval'):
+        model.switch_to_deploy()
+    model.eval().switch_to_deploy()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    model.switch_to_deploy()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in sd.items())
+
+
+def test_deployed_checkpoint_and_training_form_are_not_interchangeable(tmp_path):
+    arch, ks = dict(depths=[1, 1, 1, 1], dims=[8, 8, 8, 8]), [13, 11, 9, 7, 3]
+    model = SLaK(arch, kernel_size=ks).eval()
+    train_path = tmp_path / 'train.pth'
+    torch.save({'state_dict': model.state_dict()}, train_path)
+    model.switch_to_deploy()
+    dep_path = tmp_path / 'deploy.pth'
+    torch.save({'state_dict': model.state_dict()}, dep_path)
+    into_train = SLaK(arch, kernel_size=ks, init_cfg=dict(type='Pretrained', checkpoint=str(dep_path)))
+    with pytest.raises(CheckpointError, match='deploy=True'):
+        into_train.init_weights()
+    into_deploy = SLaK(arch, kernel_size=ks, deploy=True, init_cfg=dict(type='Pretrained', checkpoint=str(train_path)))
+    with pytest.raises(CheckpointError, match='decomposed.*deploy=False'):
+        into_deploy.init_weights()
+    ok = SLaK(arch, kernel_size=ks, deploy=True, init_cfg=dict(type='Pretrained', checkpoint=str(dep_path))).eval()
+    ok.init_weights()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(ok(x), model(x)):
+            torch.testing.assert_close(a, b)
+
+
+def test_fuse_bn_matches_eval_bn():
+    conv = torch.nn.Conv2d(3, 3, (5, 3), padding=(2, 1), groups=3, bias=False)
+    bn = torch.nn.BatchNorm2d(3).eval()
+    randomize_bn_and_scales(bn)
+    k, b = fuse_bn(conv.weight, bn)
+    x = torch.randn(1, 3, 9, 9)
+    y = torch.nn.functional.conv2d(x, k, b, padding=(2, 1), groups=3)
+    torch.testing.assert_close(y, bn(conv(x)), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,65 @@
+"""slak_mm.ops.dwconv2d against F.conv2d: forward and gradients, rectangular kernels, small maps, layouts, dtypes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slak_mm.ops import dwconv2d
+from slak_mm.ops.dwconv import clip_to_input
+
+
+def _ref(x, w, b=None):
+    return F.conv2d(x.float().contiguous(), w.float(), None if b is None else b.float(),
+                    padding=(w.shape[2] // 2, w.shape[3] // 2), groups=x.shape[1])
+
+
+@pytest.mark.parametrize('shape,k', [((2, 5, 9, 13), (7, 3)), ((1, 6, 4, 5), (51, 5)),  # map smaller than kernel
+                                     ((2, 3, 12, 8), (5, 51)), ((1, 4, 7, 7), (13, 13)), ((2, 3, 6, 10), (1, 9))])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_forward_and_gradients_match_conv2d(shape, k, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(shape[1], 1, *k, dtype=torch.float64)
+    b = torch.randn(shape[1], dtype=torch.float64)
+    x1, w1, b1 = (t.clone().requires_grad_() for t in (x, w, b))
+    x2, w2, b2 = (t.clone().requires_grad_() for t in (x, w, b))
+    y1 = dwconv2d(x1, w1, b1)
+    y2 = F.conv2d(x2, w2, b2, padding=(k[0] // 2, k[1] // 2), groups=shape[1])
+    torch.testing.assert_close(y1, y2, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(y2)
+    y1.backward(g)
+    y2.backward(g)
+    for a, c in ((x1, x2), (w1, w2), (b1, b2)):
+        torch.testing.assert_close(a.grad, c.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_reduced_precision_within_stated_tolerance(dtype, tol):
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 8, 16, 20), torch.randn(8, 1, 13, 5) / 8
+    y = dwconv2d(x.to(dtype), w.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), _ref(x.to(dtype), w.to(dtype)), rtol=tol, atol=tol)
+
+
+def test_clipping_removes_only_padding_taps():
+    w = torch.randn(3, 1, 51, 5)
+    assert clip_to_input(w, 7, 7).shape[2:] == (13, 5)
+    assert clip_to_input(w, 40, 2).shape[2:] == (51, 3)
+    assert clip_to_input(w, 26, 3) is w
+
+
+@pytest.mark.parametrize('args,err,match', [
+    (dict(w=(4, 1, 4, 3)), ValueError, 'odd'),
+    (dict(w=(4, 2, 3, 3)), ValueError, r'\(C, 1, kh, kw\)'),
+    (dict(w=(5, 1, 3, 3)), ValueError, '5 channels but the input has 4'),
+    (dict(x_dtype=torch.int32), TypeError, 'floating-point'),
+    (dict(impl='cuda-magic'), ValueError, 'impl'),
+    (dict(x=(4, 8, 8)), ValueError, '4-D'),
+])
+def test_bad_input_raises(args, err, match):
+    x = torch.zeros(args.get('x', (1, 4, 8, 8)), dtype=args.get('x_dtype', torch.float32))
+    w = torch.zeros(args.get('w', (4, 1, 3, 3)))
+    with pytest.raises(err, match=match):
+        dwconv2d(x, w, impl=args.get('impl', 'auto'))
