@@ -31,3 +31,7 @@ optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=0.05),
     constructor='slak_mm.LayerDecayOptimizerConstructor',
     paramwise_cfg=dict(decay_rate=0.7, decay_type='layer_wise', num_layers=6))
+
+# Sparse fine-tuning as the reference (slak_reference.md §7.6): with a sparse SLaK checkpoint its zeros are kept as
+# fixed masks; with dense (or no) pretrained weights training is dense. mode='dynamic' prunes and regrows instead.
+custom_hooks = [dict(type='slak_mm.SparseTrainingHook', mode='auto')]

@@ -39,3 +39,7 @@ param_scheduler = [
 train_dataloader = dict(batch_size=4)  # x 4 GPUs = 16 images per iteration
 train_cfg = dict(val_interval=4000)
 default_hooks = dict(checkpoint=dict(interval=8000, max_keep_ckpts=3))
+
+# Sparse fine-tuning as the reference (slak_reference.md §7.6): with a sparse SLaK checkpoint its zeros are kept as
+# fixed masks; with dense (or no) pretrained weights training is dense. mode='dynamic' prunes and regrows instead.
+custom_hooks = [dict(type='slak_mm.SparseTrainingHook', mode='auto')]
