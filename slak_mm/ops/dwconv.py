@@ -59,7 +59,8 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     Returns (N, C, H, W). Differentiable w.r.t. x, weight and bias.
     """
     check_dwconv_args(x, weight, bias, impl)
-    weight = clip_to_input(weight, x.shape[2], x.shape[3])
+    if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):  # exported graphs keep dynamic sizes
+        weight = clip_to_input(weight, x.shape[2], x.shape[3])
     kh, kw = weight.shape[2:]
     # channels_last: oneDNN (CPU) and cuDNN (GPU) depthwise paths; NCHW long bands hit slow generic kernels.
     # A no-op when the caller already runs channels_last (SLaK converts its input once).

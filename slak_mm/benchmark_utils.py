@@ -1,0 +1,47 @@
+"""Timing helpers shared by the benchmark tools: device naming, synchronised interleaved timing, GEMM rate."""
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        model = platform.processor() or 'cpu'
+    return f'{model} ({torch.get_num_threads()} threads)'
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
+                     warmup: int = 1) -> Dict[str, float]:
+    """Median seconds per call of each function, measured round-robin so machine noise hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    t = time_interleaved({'mm': lambda: a @ b}, device, repeats)['mm']
+    return 2 * n ** 3 / t / 1e9

@@ -1,0 +1,79 @@
+"""Tools end to end: ONNX export vs onnxruntime, MAC/parameter counts vs the reference, deploy -> test."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slak_mm.analysis import count_macs
+from slak_mm.models import SLaK
+from slak_mm.sparse import SparseMasks, select_parameters
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'tools'))
+DEMO_SEG = os.path.join(ROOT, 'configs/demo/upernet_slak_demo.py')
+
+
+def _run(*args):
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize('which,shape', [('backbone', (96, 128)), ('segmentor', (128, 96))])
+def test_onnx_export_matches_pytorch(tmp_path, which, shape):
+    import export_onnx
+    model = export_onnx.build_deployed(DEMO_SEG, 'none')
+    out = str(tmp_path / f'{which}.onnx')
+    net = export_onnx.export(model, which, out, shape)
+    sizes = [shape, (shape[0] + 64, shape[1] - 32)] if which == 'backbone' else [shape]  # dynamic H/W
+    assert export_onnx.verify(net, out, sizes, batch=2 if which == 'backbone' else 1) <= 1e-4
+
+
+@pytest.mark.parametrize('arch,dense_g,params_m', [('tiny', 8.70, 49.71), ('small', 16.60, 90.13),
+                                                   ('base', 28.51, 156.62)])
+def test_dense_and_nonzero_macs_match_reference(arch, dense_g, params_m):
+    model = SLaK(arch).eval()
+    x = torch.randn(1, 3, 224, 224)
+    dense = count_macs(model, lambda: model(x))['model']
+    assert dense['macs'] / 1e9 == pytest.approx(dense_g, abs=0.01)
+    assert dense['params'] / 1e6 == pytest.approx(params_m, abs=0.01)  # reference + 1.0 M ImageNet head = 50.7/91.1/158.0
+    masks = SparseMasks(select_parameters(model, 'backbone'))
+    masks.init('uniform', 0.4, dense_threshold=1.01)  # a model at 40% sparsity
+    sparse = count_macs(model, lambda: model(x))['model']
+    assert sparse['nonzero_macs'] / 1e9 == pytest.approx(0.6 * dense_g, abs=0.02)  # ≈ 5.2 / 10.0 / 17.1 G
+    assert sparse['macs'] == dense['macs']
+
+
+def test_get_flops_cli_reports_backbone_and_model():
+    out = _run('tools/get_flops.py', 'configs/upernet_slak_t_ade20k.py', '--shape', '224', '224')
+    row = re.search(r'\| backbone \| ([\d.]+) M \| ([\d.]+) M \| ([\d.]+) G \| ([\d.]+) G \|', out)
+    assert row and float(row.group(3)) == pytest.approx(8.70, abs=0.01)
+    model = re.search(r'\| model \| ([\d.]+) M \| [\d.]+ M \| ([\d.]+) G', out)
+    assert model and float(model.group(2)) > float(row.group(3))  # decode heads add work
+
+
+def test_deploy_tool_then_test_tool_give_identical_metrics(demo_data, tmp_path):
+    from slak_mm.apis import build_runner, load_config
+    loaders = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+    opts = {f'{s}.dataset.data_root': demo_data['ade'] for s in loaders}
+    opts.update({f'{s}.num_workers': 0 for s in loaders})
+    opts.update({f'{s}.persistent_workers': False for s in loaders})
+    opts.update({'train_cfg.max_iters': 2, 'train_cfg.val_interval': 100, 'default_hooks.checkpoint.interval': 2,
+                 'train_dataloader.batch_size': 2})
+    build_runner(load_config(DEMO_SEG, opts, work_dir=str(tmp_path / 'train'))).train()
+    ckpt = str(tmp_path / 'train' / 'iter_2.pth')
+    deployed = str(tmp_path / 'deployed.pth')
+    _run('tools/deploy.py', DEMO_SEG, ckpt, deployed)
+    cli = [f'{k}={v}' for k, v in opts.items() if k.startswith(('val_', 'test_'))]
+    a = _run('tools/test.py', DEMO_SEG, ckpt, '--work-dir', str(tmp_path / 't1'), '--cfg-options', *cli)
+    b = _run('tools/test.py', DEMO_SEG, deployed, '--work-dir', str(tmp_path / 't2'), '--cfg-options', *cli,
+             'model.backbone.deploy=True')
+    miou = [re.findall(r'mIoU: ([\d.]+)', s)[-1] for s in (a, b)]
+    acc = [re.findall(r'aAcc: ([\d.]+)', s)[-1] for s in (a, b)]
+    assert miou[0] == miou[1] and acc[0] == acc[1]
+    sd = torch.load(deployed, weights_only=False)['state_dict']
+    assert any('large_kernel.merged.weight' in k for k in sd) and not any('.tall.' in k for k in sd)

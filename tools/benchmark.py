@@ -1,0 +1,119 @@
+"""Backbone benchmark: SLaK vs timm ConvNeXt in the same run, on the same device.
+
+    python tools/benchmark.py [MODEL ...] [--sizes 224 512] [--batch N] [--amp] [--train] [--quick]
+                              [--json results.json]
+
+MODEL: slak_t | slak_s | slak_b (training form), slak_t_deploy (merged kernels), convnext_tiny (timm), or a config
+path (its backbone). Default: slak_t slak_t_deploy convnext_tiny. Inputs are plain NCHW tensors, as a user passes
+them. Reports inference images/s and time per batch, optionally the training-step time (forward + backward + SGD
+step), and peak memory on CUDA; ratios are against the last model listed, measured round-robin in the same run.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from slak_mm.benchmark_utils import device_name, time_interleaved  # noqa: E402
+from slak_mm.models import SLaK  # noqa: E402
+
+ARCHS = {'slak_t': 'tiny', 'slak_s': 'small', 'slak_b': 'base'}
+
+
+def build(name: str, device: torch.device) -> torch.nn.Module:
+    if name.endswith('_deploy'):
+        model = build(name[:-len('_deploy')], device).eval()
+        model.switch_to_deploy()
+        return model
+    if name in ARCHS:
+        return SLaK(ARCHS[name]).to(device)
+    if osp.isfile(name):
+        from mmengine.registry import MODELS, init_default_scope
+
+        from slak_mm.apis import load_config
+        cfg = load_config(name, check_data=False)
+        init_default_scope(cfg.get('default_scope', 'mmseg'))
+        cfg.model.backbone.init_cfg = None
+        return MODELS.build(cfg.model.backbone).to(device)
+    import timm
+    return timm.create_model(name, pretrained=False, num_classes=0, global_pool='').to(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('models', nargs='*', default=['slak_t', 'slak_t_deploy', 'convnext_tiny'])
+    parser.add_argument('--sizes', type=int, nargs='+', default=[224, 512])
+    parser.add_argument('--batch', type=int, default=None, help='default: 1 on CPU, 32 (224) / 8 (512) on GPU')
+    parser.add_argument('--amp', action='store_true', help='bf16 autocast (CPU and GPU)')
+    parser.add_argument('--train', action='store_true', help='also time a training step')
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--quick', action='store_true', help='224 only, 3 repeats')
+    parser.add_argument('--json', default='work_dirs/benchmarks/backbone.json')
+    args = parser.parse_args()
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if args.quick:
+        args.sizes, args.repeats = [224], 3
+    dev = device_name(device)
+    print(f'device: {dev}; torch {torch.__version__}; {"bf16 autocast" if args.amp else "fp32"}')
+    models = {n: build(n, device) for n in args.models}
+    base = args.models[-1]
+    results = []
+    for size in args.sizes:
+        batch = args.batch or (1 if device.type == 'cpu' else (32 if size <= 224 else 8))
+        x = torch.randn(batch, 3, size, size, device=device)
+        ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else torch.enable_grad
+
+        def infer(m):
+            def run():
+                with torch.no_grad(), ctx():
+                    return m(x)
+            return run
+
+        for m in models.values():
+            m.eval()
+        t_inf = time_interleaved({n: infer(m) for n, m in models.items()}, device, args.repeats)
+        t_train = {}
+        if args.train:
+            opts = {n: torch.optim.SGD(m.parameters(), lr=1e-6) for n, m in models.items() if not n.endswith('deploy')}
+
+            def step(n):
+                def run():
+                    with ctx():
+                        out = models[n](x)
+                    loss = sum(o.float().mean() for o in (out if isinstance(out, (tuple, list)) else [out]))
+                    loss.backward()
+                    opts[n].step()
+                    opts[n].zero_grad(set_to_none=True)
+                return run
+            for n in opts:
+                models[n].train()
+            t_train = time_interleaved({n: step(n) for n in opts}, device, max(2, args.repeats // 2))
+        print(f'\n| model @ {size}, batch {batch} | inference ms/batch | images/s | vs {base} | train step ms | '
+              f'vs {base} | peak mem |')
+        print('|---|---|---|---|---|---|---|')
+        for n in models:
+            mem = '–'
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+                infer(models[n])()
+                mem = f'{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB (inference)'
+            tr = t_train.get(n)
+            tr_ratio = f'{tr / t_train[base]:.2f}×' if tr and base in t_train else '–'
+            print(f'| {n} | {t_inf[n] * 1e3:.1f} | {batch / t_inf[n]:.1f} | {t_inf[n] / t_inf[base]:.2f}× | '
+                  f'{tr * 1e3:.1f} | {tr_ratio} | {mem} |' if tr else
+                  f'| {n} | {t_inf[n] * 1e3:.1f} | {batch / t_inf[n]:.1f} | {t_inf[n] / t_inf[base]:.2f}× | – | – | '
+                  f'{mem} |')
+            results.append(dict(model=n, size=size, batch=batch, infer_ms=t_inf[n] * 1e3,
+                                train_ms=tr * 1e3 if tr else None, ratio_vs_base=t_inf[n] / t_inf[base]))
+    os.makedirs(osp.dirname(args.json) or '.', exist_ok=True)
+    json.dump(dict(device=dev, torch=torch.__version__, amp=args.amp, base=base, results=results,
+                   command=' '.join(sys.argv)), open(args.json, 'w'), indent=1)
+    print(f'\nwrote {args.json}')
+
+
+if __name__ == '__main__':
+    main()

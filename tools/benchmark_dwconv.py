@@ -1,0 +1,117 @@
+"""Depthwise large-kernel conv benchmark at SLaK-T's four stage shapes.
+
+    python tools/benchmark_dwconv.py [--sizes 224 512 800x1344] [--batch 1] [--dtypes float32] [--quick]
+                                     [--json results.json]
+
+For each stage shape (input size -> stage map, channels, long edge M, short edge N=5) and each of the three SLaK
+branches (M×N, N×M, N×N), times forward, input-gradient and weight-gradient separately for:
+  ours       slak_mm.ops.dwconv2d with an NCHW input (what a user passes; layout handled inside)
+  nchw       nn.Conv2d on NCHW
+  cl         nn.Conv2d on a channels_last input
+and reports the SLaK unit (sum over the three branches), GF/s and the fraction of this machine's fp32 GEMM rate
+measured in the same run. Prints a markdown table and writes JSON with the device name.
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from slak_mm.benchmark_utils import device_name, gemm_gflops, time_interleaved  # noqa: E402
+from slak_mm.ops import dwconv2d  # noqa: E402
+
+STAGES = [(124, 51, 4), (249, 49, 8), (499, 47, 16), (998, 13, 32)]  # SLaK-T: channels, long edge, stride
+SHORT = 5
+
+
+def parse_size(s: str):
+    h, _, w = s.partition('x')
+    return int(h), int(w or h)
+
+
+def make_fns(x: torch.Tensor, w: torch.Tensor, phase: str):
+    kh, kw = w.shape[2:]
+    pad = (kh // 2, kw // 2)
+    c = x.shape[1]
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    impls = {'ours': lambda a, b: dwconv2d(a, b),
+             'nchw': lambda a, b: F.conv2d(a, b, padding=pad, groups=c),
+             'cl': lambda a, b: F.conv2d(a, b, padding=pad, groups=c)}
+    inputs = {'ours': x, 'nchw': x, 'cl': x_cl}
+
+    def fn(name):
+        a = inputs[name].detach().requires_grad_(phase == 'input_grad')
+        b = w.detach().requires_grad_(phase == 'weight_grad')
+        if phase == 'forward':
+            with torch.no_grad():
+                return lambda: impls[name](a, b)
+        y = impls[name](a, b)
+        g = torch.ones_like(y)
+        target = a if phase == 'input_grad' else b
+        return lambda: torch.autograd.grad(impls[name](a, b), target, g)
+    return {name: fn(name) for name in impls}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--sizes', nargs='+', default=['224', '512', '800x1344'])
+    parser.add_argument('--batch', type=int, default=None, help='default: 8 at 224, 1 otherwise (CPU); 32/8/2 GPU')
+    parser.add_argument('--dtypes', nargs='+', default=None, help='default: float32 on CPU; float32 bfloat16 '
+                                                                  'float16 on GPU')
+    parser.add_argument('--phases', nargs='+', default=['forward', 'input_grad', 'weight_grad'])
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--quick', action='store_true', help='224 only, batch 2, 3 repeats')
+    parser.add_argument('--json', default='work_dirs/benchmarks/dwconv.json')
+    args = parser.parse_args()
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if args.quick:
+        args.sizes, args.batch, args.repeats = ['224'], 2, 3
+    dtypes = args.dtypes or (['float32'] if device.type == 'cpu' else ['float32', 'bfloat16', 'float16'])
+    gemm = gemm_gflops(device)
+    dev = device_name(device)
+    print(f'device: {dev}; fp32 GEMM (2048^3) in this run: {gemm:.1f} GF/s')
+    rows = []
+    print('| input | stage | B×C×H×W | dtype | phase | unit ours (ms) | nchw (ms) | cl (ms) | nchw/ours | cl/ours '
+          '| ours GF/s | % GEMM |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+    for size in args.sizes:
+        h_in, w_in = parse_size(size)
+        batch = args.batch or ((8 if h_in <= 224 else 1) if device.type == 'cpu' else
+                               (32 if h_in <= 224 else 8 if h_in <= 512 else 2))
+        for si, (c, m, stride) in enumerate(STAGES):
+            h, w = h_in // stride, w_in // stride
+            for dt in dtypes:
+                dtype = getattr(torch, dt)
+                x = torch.randn(batch, c, h, w, device=device, dtype=dtype)
+                kernels = [torch.randn(c, 1, *k, device=device, dtype=dtype) * 0.05
+                           for k in ((m, SHORT), (SHORT, m), (SHORT, SHORT))]
+                macs = batch * c * h * w * sum(k.shape[2] * k.shape[3] for k in kernels)
+                for phase in args.phases:
+                    total = {'ours': 0.0, 'nchw': 0.0, 'cl': 0.0}
+                    for k in kernels:
+                        t = time_interleaved(make_fns(x, k, phase), device, args.repeats)
+                        for name in total:
+                            total[name] += t[name]
+                    gfs = 2 * macs / total['ours'] / 1e9
+                    row = dict(input=size, stage=si, shape=[batch, c, h, w], dtype=dt, phase=phase,
+                               ms={k: v * 1e3 for k, v in total.items()}, gflops_ours=gfs,
+                               frac_gemm=gfs / gemm if dt == 'float32' else None)
+                    rows.append(row)
+                    frac = f'{100 * gfs / gemm:.0f}%' if dt == 'float32' else '–'
+                    print(f'| {size} | {si} | {batch}×{c}×{h}×{w} | {dt} | {phase} | {total["ours"] * 1e3:.2f} | '
+                          f'{total["nchw"] * 1e3:.2f} | {total["cl"] * 1e3:.2f} | '
+                          f'{total["nchw"] / total["ours"]:.2f} | {total["cl"] / total["ours"]:.2f} | {gfs:.1f} | '
+                          f'{frac} |', flush=True)
+    import os
+    os.makedirs(osp.dirname(args.json) or '.', exist_ok=True)
+    json.dump(dict(device=dev, torch=torch.__version__, gemm_gflops_fp32=gemm, rows=rows,
+                   command=' '.join(sys.argv)), open(args.json, 'w'), indent=1)
+    print(f'wrote {args.json}')
+
+
+if __name__ == '__main__':
+    main()
