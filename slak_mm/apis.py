@@ -117,8 +117,12 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- inference
-def predict_and_draw(cfg: Config, checkpoint: str, image: str, out_file: str):
-    """Run a segmentor or detector (by the config's scope) on one image and save the overlay PNG. Returns the result."""
+def predict_and_draw(cfg: Config, checkpoint: str, image: str, out_file: str,
+                     class_names: Optional[Tuple[str, ...]] = None):
+    """Run a segmentor or detector (by the config's scope) on one image and save the overlay PNG. Returns the result.
+
+    ``class_names`` relabels the first classes for display only (the demo's synthetic classes use ADE20K ids 1-5).
+    """
     import mmcv
     from mmengine.registry import VISUALIZERS
 
@@ -147,7 +151,10 @@ def predict_and_draw(cfg: Config, checkpoint: str, image: str, out_file: str):
     vis_cfg.update(name=f'slak_mm_predict_{id(model)}', vis_backends=None, save_dir=None)
     with_scope = scope + '.' + vis_cfg['type'] if '.' not in vis_cfg['type'] else vis_cfg['type']
     visualizer = VISUALIZERS.build(dict(vis_cfg, type=with_scope))
-    visualizer.dataset_meta = model.dataset_meta
+    meta = dict(model.dataset_meta)
+    if class_names:
+        meta['classes'] = tuple(class_names) + tuple(meta['classes'][len(class_names):])
+    visualizer.dataset_meta = meta
     visualizer.add_datasample('prediction', img, result, draw_gt=False, draw_pred=True, show=False,
                               out_file=out_file)
     return result

@@ -12,7 +12,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 
-from sparse_helpers import ROOT, find_hook, sparse_cfg_options  # noqa: E402
+from helpers import ROOT, find_hook, sparse_cfg_options  # noqa: E402
 from slak_mm.apis import build_runner, load_config  # noqa: E402
 from slak_mm.sparse import mask_checksum  # noqa: E402
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import run_options
 from slak_mm.erf import area_ratios, erf_map, input_gradient
 from slak_mm.models import SLaK
 
@@ -76,12 +77,7 @@ def test_infer_tool_writes_overlay_png_of_image_size(demo_data, tmp_path):
     from PIL import Image
 
     from slak_mm.apis import build_runner, load_config
-    loaders = ('train_dataloader', 'val_dataloader', 'test_dataloader')
-    opts = {f'{s}.dataset.data_root': demo_data['ade'] for s in loaders}
-    opts.update({f'{s}.num_workers': 0 for s in loaders})
-    opts.update({f'{s}.persistent_workers': False for s in loaders})
-    opts.update({'train_cfg.max_iters': 1, 'train_cfg.val_interval': 100, 'default_hooks.checkpoint.interval': 1,
-                 'train_dataloader.batch_size': 2})
+    opts = run_options(demo_data['ade'], 1)
     cfg = os.path.join(ROOT, 'configs/demo/upernet_slak_demo.py')
     build_runner(load_config(cfg, opts, work_dir=str(tmp_path))).train()
     img = os.path.join(demo_data['ade'], 'images/validation/ADE_val_00000000.jpg')

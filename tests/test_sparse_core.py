@@ -12,7 +12,8 @@ from slak_mm.models import SLaK
 def _params(seed=0):
     torch.manual_seed(seed)
     return {'a': nn.Parameter(torch.randn(64, 1, 13, 5)), 'b': nn.Parameter(torch.randn(128, 32)),
-            'c': nn.Parameter(torch.randn(16, 8, 3, 3))}
+            # channels_last, as SLaK's conv weights are
+            'c': nn.Parameter(torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last))}
 
 
 def test_uniform_init_gives_exact_per_layer_density():

@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 import torch
 
-from sparse_helpers import ROOT, ZeroChecker, find_hook, sparse_cfg_options
+from helpers import ROOT, ZeroChecker, find_hook, sparse_cfg_options
 from slak_mm.apis import build_runner, load_config
 from slak_mm.engine import SparseTrainingHook
 from slak_mm.sparse import mask_checksum

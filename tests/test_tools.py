@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from helpers import run_options
 from slak_mm.analysis import count_macs
 from slak_mm.models import SLaK
 from slak_mm.sparse import SparseMasks, select_parameters
@@ -58,12 +59,7 @@ def test_get_flops_cli_reports_backbone_and_model():
 
 def test_deploy_tool_then_test_tool_give_identical_metrics(demo_data, tmp_path):
     from slak_mm.apis import build_runner, load_config
-    loaders = ('train_dataloader', 'val_dataloader', 'test_dataloader')
-    opts = {f'{s}.dataset.data_root': demo_data['ade'] for s in loaders}
-    opts.update({f'{s}.num_workers': 0 for s in loaders})
-    opts.update({f'{s}.persistent_workers': False for s in loaders})
-    opts.update({'train_cfg.max_iters': 2, 'train_cfg.val_interval': 100, 'default_hooks.checkpoint.interval': 2,
-                 'train_dataloader.batch_size': 2})
+    opts = run_options(demo_data['ade'], 2)
     build_runner(load_config(DEMO_SEG, opts, work_dir=str(tmp_path / 'train'))).train()
     ckpt = str(tmp_path / 'train' / 'iter_2.pth')
     deployed = str(tmp_path / 'deployed.pth')

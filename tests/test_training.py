@@ -7,20 +7,14 @@ import pytest
 from mmengine.hooks import Hook
 
 from conftest import TINY_ARCH
+from helpers import run_options
 from slak_mm.apis import build_runner, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
 
 def _opts(data_root, work_dir, iters, extra=None):
-    opts = {f'{s}.dataset.data_root': data_root for s in LOADERS}
-    opts.update({f'{s}.num_workers': 0 for s in LOADERS})
-    opts.update({f'{s}.persistent_workers': False for s in LOADERS})
-    opts.update({'train_cfg.max_iters': iters, 'train_cfg.val_interval': iters,
-                 'default_hooks.checkpoint.interval': iters, 'default_hooks.logger.interval': 1,
-                 'train_dataloader.batch_size': 2, 'val_dataloader.batch_size': 2,
-                 'randomness': dict(seed=0)})
+    opts = run_options(data_root, iters, val_interval=iters)
     opts.update(extra or {})
     return opts
 

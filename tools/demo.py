@@ -16,7 +16,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.hooks import Hook  # noqa: E402
 
 from slak_mm.apis import build_runner, load_config, predict_and_draw  # noqa: E402
-from slak_mm.datasets import make_ade20k, make_coco  # noqa: E402
+from slak_mm.datasets import SEG_CLASSES, make_ade20k, make_coco  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -35,6 +35,15 @@ class RecordValidation(Hook):
         self.history.append(dict(iter=runner.iter, **(metrics or {})))
 
 
+def upscaled_copy(image: str, out_dir: str, factor: int = 4) -> str:
+    """The synthetic images are tiny; predictions are drawn on an enlarged copy (the test pipeline resizes anyway)."""
+    from PIL import Image
+    img = Image.open(image)
+    path = osp.join(out_dir, 'x{}_'.format(factor) + osp.basename(image))
+    img.resize((img.width * factor, img.height * factor), Image.BICUBIC).save(path)
+    return path
+
+
 def run(config: str, work_dir: str, metric: str, out_png: str) -> dict:
     cfg = load_config(osp.join(ROOT, config), work_dir=work_dir)
     runner = build_runner(cfg)
@@ -47,8 +56,9 @@ def run(config: str, work_dir: str, metric: str, out_png: str) -> dict:
     ckpt = osp.join(work_dir, f'iter_{cfg.train_cfg.max_iters}.pth')
     val = cfg.val_dataloader.dataset
     img_dir = osp.join(val.data_root, val.data_prefix.get('img_path', val.data_prefix.get('img', '')))
-    image = osp.join(img_dir, sorted(os.listdir(img_dir))[0])
-    predict_and_draw(cfg, ckpt, image, out_png)
+    image = upscaled_copy(osp.join(img_dir, sorted(os.listdir(img_dir))[0]), work_dir)
+    names = SEG_CLASSES if cfg.default_scope == 'mmseg' else None  # ADE ids 1-5 hold the synthetic classes
+    predict_and_draw(cfg, ckpt, image, out_png, class_names=names)
     return dict(config=config, metric=metric, untrained=untrained, trained=trained, iters=cfg.train_cfg.max_iters,
                 train_and_val_seconds=round(wall, 1), checkpoint=ckpt, prediction_png=out_png)
 

@@ -7,7 +7,7 @@ data_root = 'data/demo/coco/'
 classes = ('disc', 'square', 'triangle', 'cross')
 metainfo = dict(classes=classes, palette=[(220, 20, 60), (0, 160, 80), (30, 60, 220), (230, 200, 0)])
 img_scale = (160, 128)
-max_iters = 500
+max_iters = 250
 fpn_channels = 64
 
 model = dict(
@@ -43,7 +43,7 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
 test_evaluator = val_evaluator
 
-optim_wrapper = dict(optimizer=dict(lr=1e-3))
+optim_wrapper = dict(optimizer=dict(lr=1e-3), paramwise_cfg=dict(decay_rate=1.0))  # from scratch: no lr decay
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=30),
     dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters, milestones=[int(max_iters * 0.8)], gamma=0.1),

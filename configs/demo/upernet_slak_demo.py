@@ -6,7 +6,7 @@ _base_ = '../upernet_slak_t_ade20k.py'
 
 data_root = 'data/demo/ade/ADEChallengeData2016'
 crop_size = (128, 128)
-max_iters = 600
+max_iters = 300
 norm_cfg = dict(type='BN', requires_grad=True)
 
 model = dict(
@@ -38,7 +38,7 @@ val_dataloader = dict(batch_size=4, num_workers=2, persistent_workers=True,
                       dataset=dict(data_root=data_root, pipeline=test_pipeline))
 test_dataloader = val_dataloader
 
-optim_wrapper = dict(optimizer=dict(lr=2e-3))
+optim_wrapper = dict(optimizer=dict(lr=2e-3), paramwise_cfg=dict(decay_rate=1.0))  # from scratch: no lr decay
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=30),
     dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=30, end=max_iters),

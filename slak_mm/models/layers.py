@@ -119,7 +119,7 @@ class LargeKernelConv(nn.Module):
         m, n = long_edge, short_edge
         if deploy:
             self.merged = DepthwiseConv2d(channels, (m, m), bias=True, conv_impl=conv_impl)
-            self._register_load_state_dict_pre_hook(self._reset_cross_flag)
+            self._register_load_state_dict_pre_hook(self._reset_band_cache)
         else:
             if layout == 'decomposed':
                 self.tall = ConvBN(channels, (m, n), norm_cfg, conv_impl)
@@ -127,7 +127,7 @@ class LargeKernelConv(nn.Module):
             else:
                 self.dense = ConvBN(channels, (m, m), norm_cfg, conv_impl)
             self.small = ConvBN(channels, (n, n), norm_cfg, conv_impl) if n < m else None
-        self._cross: Optional[bool] = None
+        self._bands: Optional[tuple] = None  # deploy: cached band kernels derived from merged.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
@@ -138,22 +138,30 @@ class LargeKernelConv(nn.Module):
         return out
 
     def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
-        # A cross-shaped M×M kernel is run as two band convs (M×N, then N×M minus the shared centre): ~510 MACs per
-        # output instead of M² (2601 at M=51). Any other kernel (e.g. loaded from elsewhere) runs as one M×M conv.
+        # A cross-shaped M×M kernel runs as two band convs (M×N, and N×M with the shared centre zeroed): ~510 MACs per
+        # output instead of M² (2601 at M=51), measured 1-5x faster than one M×M call at every SLaK-T stage shape
+        # (docs/benchmarks.md). Any other kernel (e.g. loaded from elsewhere) runs as one M×M conv.
         w, b = self.merged.weight, self.merged.bias
-        if self._cross is None:
-            self._cross = is_cross_kernel(w, self.short_edge)
-        if not self._cross:
+        bands = self._bands
+        if bands is None or bands[0].device != w.device or bands[0].dtype != w.dtype:
+            bands = self._bands = self._split_bands(w)
+        if not bands:
             return dwconv2d(x, w, b, impl=self.conv_impl)
+        return dwconv2d(x, bands[0], b, impl=self.conv_impl) + dwconv2d(x, bands[1], None, impl=self.conv_impl)
+
+    @torch.no_grad()
+    def _split_bands(self, w: torch.Tensor) -> tuple:
+        """(tall M×N, wide N×M without the centre) contiguous band kernels, or () if ``w`` is not a cross."""
+        if not is_cross_kernel(w, self.short_edge):
+            return ()
         m, n = self.long_edge, self.short_edge
         lo, hi = (m - n) // 2, (m + n) // 2
-        tall = w[:, :, :, lo:hi]
         wide = w[:, :, lo:hi, :].clone()
         wide[:, :, :, lo:hi] = 0
-        return dwconv2d(x, tall, b, impl=self.conv_impl) + dwconv2d(x, wide, None, impl=self.conv_impl)
+        return w[:, :, :, lo:hi].contiguous(), wide.contiguous()
 
-    def _reset_cross_flag(self, *args, **kwargs) -> None:
-        self._cross = None
+    def _reset_band_cache(self, *args, **kwargs) -> None:
+        self._bands = None
 
     @torch.no_grad()
     def merged_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -187,5 +195,5 @@ class LargeKernelConv(nn.Module):
             if hasattr(self, name):
                 delattr(self, name)
         self.deploy = True
-        self._cross = None
-        self._register_load_state_dict_pre_hook(self._reset_cross_flag)
+        self._bands = None
+        self._register_load_state_dict_pre_hook(self._reset_band_cache)

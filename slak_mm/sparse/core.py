@@ -164,7 +164,9 @@ class SparseMasks:
             new = flat_mask.clone()
             new[drop] = False
             new[add] = True
-            w.view(-1)[add] = 0  # regrown weights start at zero
+            grown = torch.zeros_like(flat_mask)
+            grown[add] = True
+            w.masked_fill_(grown.view_as(mask), 0)  # regrown weights start at zero (any memory format)
             self.masks[n] = new.view_as(mask)
             self._pruned[n] = ~self.masks[n]
             changed[n] = k

@@ -1,4 +1,4 @@
-"""Shared helpers for Runner-level sparse-training tests (also used by the torchrun driver)."""
+"""Shared helpers for Runner-level tests (also used by the torchrun driver)."""
 import os
 
 from mmengine.hooks import EMAHook, Hook
@@ -10,15 +10,22 @@ DET_PIPELINE = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', red
                 dict(type='Resize', scale=(64, 64), keep_ratio=True), dict(type='PackSegInputs')]
 
 
-def sparse_cfg_options(data_root, iters, hooks, ckpt_interval=None, deterministic=True):
+def run_options(data_root, iters, val_interval=10_000, ckpt_interval=None):
+    """--cfg-options for a short in-process run of a demo config on the small generated data."""
     opts = {f'{s}.dataset.data_root': data_root for s in LOADERS}
     opts.update({f'{s}.num_workers': 0 for s in LOADERS})
     opts.update({f'{s}.persistent_workers': False for s in LOADERS})
-    opts.update({'train_cfg.max_iters': iters, 'train_cfg.val_interval': 10_000,
+    opts.update({'train_cfg.max_iters': iters, 'train_cfg.val_interval': val_interval,
                  'default_hooks.checkpoint.interval': ckpt_interval or iters,
                  'default_hooks.checkpoint.max_keep_ckpts': 10, 'default_hooks.logger.interval': 1,
-                 'train_dataloader.batch_size': 2, 'randomness': dict(seed=0, deterministic=False),
-                 'custom_hooks': hooks})
+                 'train_dataloader.batch_size': 2, 'val_dataloader.batch_size': 2,
+                 'randomness': dict(seed=0, deterministic=False)})
+    return opts
+
+
+def sparse_cfg_options(data_root, iters, hooks, ckpt_interval=None, deterministic=True):
+    opts = run_options(data_root, iters, ckpt_interval=ckpt_interval)
+    opts['custom_hooks'] = hooks
     if deterministic:
         opts.update({'train_dataloader.dataset.pipeline': DET_PIPELINE, 'model.backbone.drop_path_rate': 0.0,
                      'model.decode_head.dropout_ratio': 0.0, 'model.auxiliary_head.dropout_ratio': 0.0})
