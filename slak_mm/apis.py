@@ -14,8 +14,12 @@ class ConfigError(ValueError):
     """A config value that would make training or testing fail or silently do the wrong thing."""
 
 
+ALL_SPLITS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+
+
 def load_config(path: str, cfg_options: Optional[Dict] = None, work_dir: Optional[str] = None,
-                launcher: str = 'none', check_data: bool = True) -> Config:
+                launcher: str = 'none', check_data: bool = True, splits: Tuple[str, ...] = ALL_SPLITS) -> Config:
+    """Load a config, apply overrides and validate it; ``splits`` are the dataloaders whose data must exist."""
     if not osp.isfile(path):
         raise ConfigError(f'config file {path} does not exist')
     cfg = Config.fromfile(path)
@@ -26,7 +30,7 @@ def load_config(path: str, cfg_options: Optional[Dict] = None, work_dir: Optiona
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(path))[0])
-    validate_config(cfg, check_data=check_data)
+    validate_config(cfg, check_data=check_data, splits=splits)
     return cfg
 
 
@@ -39,9 +43,9 @@ def build_runner(cfg: Config, launcher: str = 'none') -> Runner:
 
 
 # ---------------------------------------------------------------------------------------------------- validation
-def _datasets(cfg: Config) -> Iterator[Tuple[str, ConfigDict]]:
-    """(split, leaf dataset cfg) for every dataloader, looking through dataset wrappers."""
-    for split in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+def _datasets(cfg: Config, splits: Tuple[str, ...] = ALL_SPLITS) -> Iterator[Tuple[str, ConfigDict]]:
+    """(split, leaf dataset cfg) for the given dataloaders, looking through dataset wrappers."""
+    for split in splits:
         loader = cfg.get(split)
         if not loader:
             continue
@@ -93,9 +97,9 @@ def _head_num_classes(model: ConfigDict) -> List[Tuple[str, int]]:
     return found
 
 
-def validate_config(cfg: Config, check_data: bool = True) -> None:
+def validate_config(cfg: Config, check_data: bool = True, splits: Tuple[str, ...] = ALL_SPLITS) -> None:
     """Raise :class:`ConfigError` for a missing data root or head ``num_classes`` that disagree with the dataset."""
-    datasets = list(_datasets(cfg))
+    datasets = list(_datasets(cfg, splits))
     if check_data:
         for split, ds in datasets:
             root = ds.get('data_root')

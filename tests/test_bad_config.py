@@ -34,3 +34,12 @@ def test_head_num_classes_must_match_dataset_det(demo_data):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match='does not exist'):
         load_config('configs/nope.py')
+
+
+def test_testing_needs_only_the_test_data(demo_data, tmp_path):
+    opts = {'train_dataloader.dataset.data_root': str(tmp_path / 'no_train_data'),
+            'test_dataloader.dataset.data_root': demo_data['ade']}
+    cfg = load_config(os.path.join(ROOT, 'configs/demo/upernet_slak_demo.py'), opts, splits=('test_dataloader',))
+    assert cfg.test_dataloader.dataset.data_root == demo_data['ade']
+    with pytest.raises(ConfigError, match='no_train_data'):
+        load_config(os.path.join(ROOT, 'configs/demo/upernet_slak_demo.py'), opts)

@@ -57,6 +57,7 @@ def test_clipping_removes_only_padding_taps():
     (dict(x_dtype=torch.int32), TypeError, 'floating-point'),
     (dict(impl='cuda-magic'), ValueError, 'impl'),
     (dict(x=(4, 8, 8)), ValueError, '4-D'),
+    (dict(impl='triton'), NotImplementedError, "impl='auto' or 'torch'"),
 ])
 def test_bad_input_raises(args, err, match):
     x = torch.zeros(args.get('x', (1, 4, 8, 8)), dtype=args.get('x_dtype', torch.float32))

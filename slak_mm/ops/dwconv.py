@@ -18,6 +18,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def check_dwconv_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                       impl: str = 'auto') -> None:
     """Raise a clear error for anything ``dwconv2d`` does not support."""
+    if impl == 'triton':
+        raise NotImplementedError("dwconv2d: impl='triton' is not available yet in slak_mm; use impl='auto' or "
+                                  "'torch' (the PyTorch path, channels_last, on any device)")
     if impl not in IMPLS:
         raise ValueError(f"dwconv2d: impl={impl!r} is not one of {IMPLS}")
     if x.dim() != 4:
