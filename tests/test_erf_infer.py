@@ -90,3 +90,20 @@ def test_infer_tool_writes_overlay_png_of_image_size(demo_data, tmp_path):
     notimg.write_text('not an image')
     p = _tool('tools/infer.py', cfg, str(tmp_path / 'iter_1.pth'), str(notimg), ok=False)
     assert p.returncode != 0 and 'not a readable image' in p.stderr
+
+
+@pytest.mark.parametrize('config,metric,root', [('configs/demo/upernet_slak_demo.py', 'mIoU', 'ade'),
+                                                ('configs/demo/faster_rcnn_slak_demo.py', 'coco/bbox_mAP', 'coco')])
+def test_demo_run_reports_metrics_and_draws(demo_data, tmp_path, config, metric, root):
+    """tools/demo.py's run(): untrained + trained validation, checkpoint, overlay PNG, JSON-serialisable summary."""
+    import json
+    sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    import demo
+    opts = run_options(demo_data[root], 2, val_interval=2)
+    if root == 'coco':
+        opts['val_evaluator.ann_file'] = demo_data['coco'] + 'annotations/instances_val2017.json'
+    out = str(tmp_path / 'pred.png')
+    result = demo.run(config, str(tmp_path / 'wd'), metric, out, cfg_options=opts)
+    json.dumps(result)
+    assert set(result) >= {'untrained', 'trained', 'checkpoint', 'prediction_png'}
+    assert os.path.isfile(result['checkpoint']) and os.path.getsize(out) > 1000

@@ -44,15 +44,15 @@ def upscaled_copy(image: str, out_dir: str, factor: int = 4) -> str:
     return path
 
 
-def run(config: str, work_dir: str, metric: str, out_png: str) -> dict:
-    cfg = load_config(osp.join(ROOT, config), work_dir=work_dir)
+def run(config: str, work_dir: str, metric: str, out_png: str, cfg_options: dict = None) -> dict:
+    cfg = load_config(osp.join(ROOT, config), cfg_options, work_dir=work_dir)
     runner = build_runner(cfg)
     recorder = RecordValidation()
     runner.register_hook(recorder)
     t0 = time.time()
     runner.train()
     wall = time.time() - t0
-    untrained, trained = recorder.history[0][metric], recorder.history[-1][metric]
+    untrained, trained = float(recorder.history[0][metric]), float(recorder.history[-1][metric])
     ckpt = osp.join(work_dir, f'iter_{cfg.train_cfg.max_iters}.pth')
     val = cfg.val_dataloader.dataset
     img_dir = osp.join(val.data_root, val.data_prefix.get('img_path', val.data_prefix.get('img', '')))
