@@ -66,6 +66,13 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
     cfg.model_wrapper_cfg = dict(type='slak_mm.CPUDistributedDataParallel', **wrapper)
 
 
+def finish_distributed() -> None:
+    """Destroy the process group before the interpreter exits (a live gloo group can abort the process at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def apply_runtime_fixes(cfg: Config, launcher: str = 'none') -> None:
     """Everything the entry points need before ``Runner.from_cfg(cfg)``."""
     trust_local_mmengine_checkpoints()

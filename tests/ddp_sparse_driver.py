@@ -14,6 +14,7 @@ from mmengine.hooks import Hook  # noqa: E402
 
 from helpers import ROOT, find_hook, sparse_cfg_options  # noqa: E402
 from slak_mm.apis import build_runner, load_config  # noqa: E402
+from slak_mm.env import finish_distributed  # noqa: E402
 from slak_mm.sparse import mask_checksum  # noqa: E402
 
 
@@ -42,6 +43,7 @@ def main():
     sent_masks = [b for b in broadcasts if b[0] == torch.bool or b[1] in mask_shapes]
     with open(os.path.join(work_dir, f'rank{rank}.txt'), 'w') as f:
         f.write(f'{int(mask_checksum(sparse.masks.masks))} {sparse.updates} {len(sent_masks)}\n')
+    finish_distributed()
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.config import DictAction  # noqa: E402
 
 from slak_mm.apis import build_runner, load_config  # noqa: E402
+from slak_mm.env import finish_distributed  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,6 +48,7 @@ def main() -> None:
         vis.setdefault('test_out_dir', osp.abspath(args.show_dir))
     runner = build_runner(cfg, launcher=args.launcher)
     runner.test()
+    finish_distributed()
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 from mmengine.config import Config, DictAction  # noqa: E402
 
 from slak_mm.apis import build_runner, load_config  # noqa: E402
+from slak_mm.env import finish_distributed  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,6 +47,7 @@ def main() -> None:
         cfg.resume, cfg.load_from = True, args.resume  # an explicit path always wins
     runner = build_runner(cfg, launcher=args.launcher)
     runner.train()
+    finish_distributed()
 
 
 if __name__ == '__main__':
