@@ -8,6 +8,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d  # SLaK's 'channels_first' LayerNorm: over C of NCHW, eps 1e-6
 
 from ..ops import dwconv2d
 
@@ -26,18 +27,6 @@ def build_branch_norm(norm_cfg: Dict, channels: int) -> nn.Module:
     for p in norm.parameters():
         p.requires_grad = requires_grad
     return norm
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channel dim of an NCHW tensor (SLaK's 'channels_first' LayerNorm), eps 1e-6."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__(channels, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
 
 
 class DepthwiseConv2d(nn.Conv2d):
