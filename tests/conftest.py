@@ -2,6 +2,10 @@ import os
 import sys
 import warnings
 
+# Triton kernels run on CPU tensors through Triton's interpreter in the tests (read when the kernels are defined, so
+# before anything imports slak_mm.ops.triton_dwconv). Only impl='triton' uses it; 'auto' stays on PyTorch for CPU.
+os.environ.setdefault('TRITON_INTERPRET', '1')
+
 import pytest
 import torch
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from slak_mm.ops import dwconv2d
-from slak_mm.ops.dwconv import clip_to_input
+from slak_mm.ops.dwconv import clip_to_input, fft_weight_grad, fft_weight_grad_wins
 
 
 def _ref(x, w, b=None):
@@ -57,10 +57,45 @@ def test_clipping_removes_only_padding_taps():
     (dict(x_dtype=torch.int32), TypeError, 'floating-point'),
     (dict(impl='cuda-magic'), ValueError, 'impl'),
     (dict(x=(4, 8, 8)), ValueError, '4-D'),
-    (dict(impl='triton'), NotImplementedError, "impl='auto' or 'torch'"),
 ])
 def test_bad_input_raises(args, err, match):
     x = torch.zeros(args.get('x', (1, 4, 8, 8)), dtype=args.get('x_dtype', torch.float32))
     w = torch.zeros(args.get('w', (4, 1, 3, 3)))
     with pytest.raises(err, match=match):
         dwconv2d(x, w, impl=args.get('impl', 'auto'))
+
+
+@pytest.mark.parametrize('shape,k', [((2, 3, 11, 9), (7, 3)), ((1, 4, 6, 20), (5, 31)), ((2, 2, 5, 4), (9, 7)),
+                                     ((1, 3, 8, 8), (1, 5))])
+def test_fft_weight_gradient_equals_conv_weight_gradient(shape, k):
+    """The FFT cross-correlation against PyTorch's own depthwise weight gradient, float64 (tolerance 1e-10)."""
+    torch.manual_seed(0)
+    x, g = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(shape[1], 1, *k, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x, w, padding=(k[0] // 2, k[1] // 2), groups=shape[1])
+    (expected,) = torch.autograd.grad(y, w, g)
+    torch.testing.assert_close(fft_weight_grad(x, g, *k), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_cpu_training_uses_fft_weight_gradient_for_long_bands():
+    """On CPU, a 51×5 band on a 32×32 map takes the FFT weight gradient (cost model), with the forward bit-identical
+    to F.conv2d and every gradient within fp32 rounding of a float64 reference (1e-5 relative to the largest)."""
+    assert fft_weight_grad_wins(32, 32, 51, 5) and fft_weight_grad_wins(56, 56, 5, 51)
+    assert not fft_weight_grad_wins(56, 56, 5, 5) and not fft_weight_grad_wins(7, 7, 13, 5)
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = (torch.randn(8, 1, 51, 5) / 16).requires_grad_()
+    b = torch.randn(8, requires_grad=True)
+    y = dwconv2d(x, w, b)
+    assert 'FFTWeightGrad' in type(y.grad_fn).__name__
+    with torch.no_grad():
+        torch.testing.assert_close(y, F.conv2d(x, w, b, padding=(25, 2), groups=8), rtol=0, atol=0)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, b), g)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y64 = F.conv2d(x64, w64, b64, padding=(25, 2), groups=8)
+    for a, e in zip(got, torch.autograd.grad(y64, (x64, w64, b64), g.double())):
+        assert a.dtype == torch.float32
+        assert (a.double() - e).abs().max() <= 1e-5 * e.abs().max()
+    with torch.no_grad():  # inference never takes the custom-autograd path
+        assert dwconv2d(x, w, b).grad_fn is None

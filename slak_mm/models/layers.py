@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d  # SLaK's 'channels_first' LayerNorm: over C of NCHW, eps 1e-6
 
-from ..ops import dwconv2d
+from ..ops import dwconv2d, dwconv2d_branches, dwconv2d_sum, resolve_impl
 
 _NORMS = {'BN': nn.BatchNorm2d, 'BN2d': nn.BatchNorm2d, 'SyncBN': nn.SyncBatchNorm}
 
@@ -118,12 +118,25 @@ class LargeKernelConv(nn.Module):
             self.small = ConvBN(channels, (n, n), norm_cfg, conv_impl) if n < m else None
         self._bands: Optional[tuple] = None  # deploy: cached band kernels derived from merged.weight
 
+    def branches(self) -> list:
+        """The ConvBN branches in kernel order: tall, wide, small (decomposed) or dense, small."""
+        names = ('tall', 'wide', 'small') if self.layout == 'decomposed' else ('dense', 'small')
+        return [getattr(self, name) for name in names if getattr(self, name, None) is not None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
             return self._forward_merged(x)
-        out = self.tall(x) + self.wide(x) if self.layout == 'decomposed' else self.dense(x)
-        if self.small is not None:
-            out = out + self.small(x)
+        branches = self.branches()
+        if resolve_impl(self.conv_impl, x) == 'triton':
+            # Fused unit: one pass over x produces every branch's conv output; each then goes through its own BN.
+            outs = dwconv2d_branches(x, [b.conv.weight for b in branches], impl='triton')
+            out = branches[0].bn(outs[0])
+            for b, y in zip(branches[1:], outs[1:]):
+                out = out + b.bn(y)
+            return out
+        out = branches[0](x)
+        for b in branches[1:]:
+            out = out + b(x)
         return out
 
     def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +149,7 @@ class LargeKernelConv(nn.Module):
             bands = self._bands = self._split_bands(w)
         if not bands:
             return dwconv2d(x, w, b, impl=self.conv_impl)
-        return dwconv2d(x, bands[0], b, impl=self.conv_impl) + dwconv2d(x, bands[1], None, impl=self.conv_impl)
+        return dwconv2d_sum(x, bands, b, impl=self.conv_impl)  # Triton: both bands in one pass
 
     @torch.no_grad()
     def _split_bands(self, w: torch.Tensor) -> tuple:

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.utils.checkpoint as cp
 from timm.layers import DropPath, trunc_normal_
 
+from ..ops import IMPLS, triton_available
 from .layers import LargeKernelConv, LayerNorm2d
 
 try:  # mm stack present: full OpenMMLab integration
@@ -82,7 +83,8 @@ class SLaK(BaseModule):
         norm_eval: keep all BatchNorms in eval mode during training.
         with_cp: gradient checkpointing per block.
         norm_cfg: norm of the large-kernel branches: dict(type='BN') or dict(type='SyncBN').
-        conv_impl: depthwise conv implementation, see :func:`slak_mm.ops.dwconv2d`.
+        conv_impl: depthwise conv implementation: 'auto' (the fused Triton unit for CUDA tensors when Triton is
+            installed, PyTorch's convolutions otherwise), 'torch' or 'triton'; see :func:`slak_mm.ops.dwconv2d`.
         deploy: build the merged (re-parameterised) form directly.
         kernel_layout: 'decomposed' (SLaK, default) or 'dense' (M×M + N×N, the reference's ``lkb_origin`` models).
         init_cfg: dict(type='Pretrained', checkpoint=PATH, use_ema=False, pad_kernels=False) to load SLaK weights
@@ -116,6 +118,11 @@ class SLaK(BaseModule):
         if kernel_layout not in LargeKernelConv.LAYOUTS:
             raise ValueError(f'SLaK: kernel_layout must be one of {LargeKernelConv.LAYOUTS}, '
                              f'got {kernel_layout!r}')
+        if conv_impl not in IMPLS:
+            raise ValueError(f'SLaK: conv_impl must be one of {IMPLS}, got {conv_impl!r}')
+        if conv_impl == 'triton' and not triton_available():
+            raise ImportError("SLaK: conv_impl='triton' needs the triton package (it ships with PyTorch's CUDA wheels "
+                              "on Linux); use conv_impl='auto' to fall back to PyTorch's convolutions")
         norm_cfg = dict(norm_cfg or dict(type='BN'))
         dims = self.dims
 

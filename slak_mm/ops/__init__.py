@@ -1,4 +1,6 @@
-"""Depthwise large-kernel convolution ops (importable with torch alone)."""
-from .dwconv import dwconv2d, check_dwconv_args
+"""Depthwise large-kernel convolution ops (importable with torch alone; Triton is imported only when used)."""
+from .dwconv import (IMPLS, check_dwconv_args, dwconv2d, dwconv2d_branches, dwconv2d_sum, resolve_impl,
+                     triton_available)
 
-__all__ = ['dwconv2d', 'check_dwconv_args']
+__all__ = ['IMPLS', 'check_dwconv_args', 'dwconv2d', 'dwconv2d_branches', 'dwconv2d_sum', 'resolve_impl',
+           'triton_available']

@@ -1,26 +1,38 @@
 """``dwconv2d``: stride-1 "same" depthwise convolution with rectangular odd kernels.
 
 Semantics are exactly ``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=C)`` for a weight of shape
-(C, 1, kh, kw). The torch path picks the fastest layout for the device: on CPU, oneDNN's channels_last depthwise
-kernels run SLaK's long bands an order of magnitude faster than the NCHW path (see docs/benchmarks.md), so NCHW inputs
-are converted; results do not depend on the layout. Kernel taps that can only see zero padding (maps smaller than
-the kernel) are skipped.
+(C, 1, kh, kw). Implementations (``impl``):
+
+``'torch'``  PyTorch's convolutions, in the fastest layout for the device: on CPU, oneDNN's channels_last depthwise
+             kernels run SLaK's long bands an order of magnitude faster than the NCHW path (docs/benchmarks.md), so
+             NCHW inputs are converted; results do not depend on the layout. On CPU the weight gradient of a large
+             kernel is computed by FFT cross-correlation when the cost model below predicts it is cheaper (oneDNN's
+             depthwise weight-gradient runs at a few % of the GEMM rate); the forward and input gradient stay direct.
+``'triton'`` the Triton kernels of :mod:`slak_mm.ops.triton_dwconv` (CUDA tensors; CPU tensors only under Triton's
+             interpreter, ``TRITON_INTERPRET=1``, which the tests use).
+``'auto'``   Triton for CUDA tensors when Triton is installed, the torch path otherwise (and while tracing/exporting).
+
+Kernel taps that can only see zero padding (maps smaller than the kernel) are skipped by both paths.
+:func:`dwconv2d_branches` runs SLaK's M×N, N×M and N×N branches of one input in one pass (Triton) and
+:func:`dwconv2d_sum` the sum of several kernels plus bias (the deployed cross-shaped kernel as two bands).
 """
-from typing import Optional
+import math
+import os
+from functools import lru_cache
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-IMPLS = ('auto', 'torch')
+IMPLS = ('auto', 'torch', 'triton')
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_dwconv_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                       impl: str = 'auto') -> None:
     """Raise a clear error for anything ``dwconv2d`` does not support."""
-    if impl == 'triton':
-        raise NotImplementedError("dwconv2d: impl='triton' is not available yet in slak_mm; use impl='auto' or "
-                                  "'torch' (the PyTorch path, channels_last, on any device)")
     if impl not in IMPLS:
         raise ValueError(f"dwconv2d: impl={impl!r} is not one of {IMPLS}")
     if x.dim() != 4:
@@ -41,6 +53,46 @@ def check_dwconv_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise ValueError(f'dwconv2d: bias must have shape ({x.shape[1]},), got {tuple(bias.shape)}')
 
 
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def resolve_impl(impl: str, x: torch.Tensor) -> str:
+    """'torch' or 'triton' for this input; raises a clear error if ``impl='triton'`` cannot run it."""
+    if impl == 'torch':
+        return 'torch'
+    if impl == 'auto':
+        use = x.is_cuda and x.dtype in _TRITON_DTYPES and triton_available() and not _exporting()
+        return 'triton' if use else 'torch'
+    if not triton_available():
+        raise ImportError("dwconv2d: impl='triton' needs the triton package, which is not installed. It ships with "
+                          "PyTorch's CUDA wheels on Linux (`pip install triton` otherwise); or use impl='auto'/'torch'")
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"dwconv2d: impl='triton' supports {[str(d) for d in _TRITON_DTYPES]}, got {x.dtype}; "
+                        "use impl='torch' for other dtypes")
+    if _exporting():
+        raise RuntimeError("dwconv2d: impl='triton' cannot be traced or exported; export with conv_impl='torch'")
+    if not x.is_cuda:
+        if os.environ.get('TRITON_INTERPRET') != '1':
+            raise ValueError(f"dwconv2d: impl='triton' runs on CUDA tensors, got {x.device} tensors. Move the model "
+                             "and input to a GPU, use impl='auto' or 'torch' on CPU, or set TRITON_INTERPRET=1 to "
+                             "run Triton's (slow) interpreter for testing")
+        from . import triton_dwconv
+        if not triton_dwconv.INTERPRET:
+            raise RuntimeError('dwconv2d: TRITON_INTERPRET=1 was set after slak_mm.ops.triton_dwconv was imported; '
+                               'set it before importing slak_mm')
+    return 'triton'
+
+
 def clip_to_input(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Drop kernel rows/columns that can only ever multiply zero padding (exact).
 
@@ -55,17 +107,124 @@ def clip_to_input(weight: torch.Tensor, height: int, width: int) -> torch.Tensor
     return weight[:, :, dh:dh + kh2, dw:dw + kw2]
 
 
+def _fft_size(n: int) -> int:
+    """Smallest 2^a 3^b 5^c >= n (fast sizes for pocketfft/cuFFT)."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+def fft_weight_grad_wins(height: int, width: int, kh: int, kw: int) -> bool:
+    """Cost model: direct weight-gradient ~ H·W·kh·kw multiply-adds per image-channel; FFT ~ 3 transforms of
+    Hp·Wp points (~4·log2(Hp·Wp) per point each, measured). Picks FFT for SLaK's long bands on large maps only."""
+    hp, wp = _fft_size(height + kh - 1), _fft_size(width + kw - 1)
+    return kh * kw > 4 * math.log2(hp * wp) * hp * wp / (height * width)
+
+
+def fft_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """d(loss)/d(weight) of a 'same' depthwise conv as an FFT cross-correlation of the padded input with grad_out.
+
+    dw[c, i, j] = sum_{n,h,w} grad_out[n, c, h, w] * x_pad[n, c, h + i, w + j], i.e. the first kh × kw lags of the
+    circular cross-correlation over an (H + kh - 1) × (W + kw - 1) (or larger) grid, where no wrap-around reaches them.
+    """
+    n, c, h, w = x.shape
+    hp, wp = _fft_size(h + kh - 1), _fft_size(w + kw - 1)
+    xp = F.pad(x.contiguous(), (kw // 2, kw // 2, kh // 2, kh // 2))
+    fx = torch.fft.rfft2(xp, s=(hp, wp))
+    fg = torch.fft.rfft2(grad_out.contiguous(), s=(hp, wp))
+    corr = torch.fft.irfft2((fx * fg.conj()).sum(0), s=(hp, wp))
+    return corr[:, :kh, :kw].unsqueeze(1).to(x.dtype)
+
+
+class _CPUDepthwiseFFTWeightGrad(torch.autograd.Function):
+    """Forward and input gradient through oneDNN (channels_last); weight gradient by FFT (CPU, fp32/fp64)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        kh, kw = weight.shape[2:]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        kh, kw = weight.shape[2:]
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1, 1], [kh // 2, kw // 2], [1, 1],
+                                                     False, [0, 0], x.shape[1], [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            dw = fft_weight_grad(x, grad_out, kh, kw)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = grad_out.sum((0, 2, 3))
+        return dx, dw, db
+
+
+def _torch_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if not _exporting():  # exported graphs keep dynamic sizes
+        weight = clip_to_input(weight, x.shape[2], x.shape[3])
+    kh, kw = weight.shape[2:]
+    # channels_last: oneDNN (CPU) and cuDNN (GPU) depthwise paths; NCHW long bands hit slow generic kernels.
+    # A no-op when the caller already runs channels_last (SLaK converts its input once).
+    x = x.contiguous(memory_format=torch.channels_last)
+    if (x.device.type == 'cpu' and weight.requires_grad and torch.is_grad_enabled() and not _exporting()
+            and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
+            and not torch.is_autocast_enabled('cpu') and fft_weight_grad_wins(x.shape[2], x.shape[3], kh, kw)):
+        return _CPUDepthwiseFFTWeightGrad.apply(x, weight, bias)
+    return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+
+
+def _autocast(x: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]]) -> tuple:
+    """Apply autocast's conv rule (inputs to the autocast dtype) for the Triton path, which bypasses F.conv2d."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), [t.to(dtype) if t is not None else None for t in tensors]
+    dtypes = {x.dtype} | {t.dtype for t in tensors if t is not None}
+    if len(dtypes) != 1:
+        raise TypeError(f"dwconv2d: input and weight/bias dtypes differ ({sorted(map(str, dtypes))}); cast them to "
+                        "one dtype or run under torch.autocast")
+    return x, list(tensors)
+
+
 def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
              impl: str = 'auto') -> torch.Tensor:
     """Depthwise 'same' convolution. x: (N, C, H, W); weight: (C, 1, kh, kw), kh and kw odd; bias: (C,) or None.
 
     Returns (N, C, H, W). Differentiable w.r.t. x, weight and bias.
     """
-    check_dwconv_args(x, weight, bias, impl)
-    if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):  # exported graphs keep dynamic sizes
-        weight = clip_to_input(weight, x.shape[2], x.shape[3])
-    kh, kw = weight.shape[2:]
-    # channels_last: oneDNN (CPU) and cuDNN (GPU) depthwise paths; NCHW long bands hit slow generic kernels.
-    # A no-op when the caller already runs channels_last (SLaK converts its input once).
-    x = x.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+    return dwconv2d_sum(x, [weight], bias, impl)
+
+
+def dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor] = None,
+                 impl: str = 'auto') -> torch.Tensor:
+    """``sum_k dwconv2d(x, weights[k]) + bias`` (1 to 3 kernels of any odd sizes); one Triton pass."""
+    for k, w in enumerate(weights):
+        check_dwconv_args(x, w, bias if k == 0 else None, impl)
+    if resolve_impl(impl, x) == 'triton':
+        from .triton_dwconv import dwconv_branches
+        x, (b, *ws) = _autocast(x, [bias, *weights])
+        return dwconv_branches(x, ws, b, sum_outputs=True)
+    out = _torch_dwconv(x, weights[0], bias)
+    for w in weights[1:]:
+        out = out + _torch_dwconv(x, w, None)
+    return out
+
+
+def dwconv2d_branches(x: torch.Tensor, weights: Sequence[torch.Tensor], impl: str = 'auto') -> List[torch.Tensor]:
+    """``[dwconv2d(x, w) for w in weights]`` (1 to 3 kernels); Triton computes all of them in one pass over ``x``
+    (SLaK's training-mode unit, where each branch's output feeds its own BatchNorm)."""
+    for w in weights:
+        check_dwconv_args(x, w, None, impl)
+    if resolve_impl(impl, x) == 'triton':
+        from .triton_dwconv import dwconv_branches
+        x, ws = _autocast(x, weights)
+        return list(dwconv_branches(x, ws, None, sum_outputs=False))
+    return [_torch_dwconv(x, w, None) for w in weights]
