@@ -73,3 +73,17 @@ def test_deploy_tool_then_test_tool_give_identical_metrics(demo_data, tmp_path):
     assert miou[0] == miou[1] and acc[0] == acc[1]
     sd = torch.load(deployed, weights_only=False)['state_dict']
     assert any('large_kernel.merged.weight' in k for k in sd) and not any('.tall.' in k for k in sd)
+
+
+def test_gpu_kernel_check_script_self_test(tmp_path):
+    """tools/check_triton_gpu.py (run first by tools/gpu_checks.sh on a lent GPU) in its CPU self-test mode:
+    it runs the Triton kernels (interpreter) at tiny stage shapes and reports errors under the stated tolerance."""
+    import json
+    out = tmp_path / 'check.json'
+    proc = subprocess.run([sys.executable, 'tools/check_triton_gpu.py', '--tiny', '--batch', '1', '--dtypes',
+                           'float32', 'bfloat16', '--json', str(out)], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, TRITON_INTERPRET='1'))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.load(open(out))['rows']
+    assert len(rows) == 2 * 2 * 2 and all(r['ok'] for r in rows)
+    assert all(0 < r['weight_grad'] <= 1e-4 for r in rows if r['dtype'] == 'float32')

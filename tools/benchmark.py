@@ -3,8 +3,9 @@
     python tools/benchmark.py [MODEL ...] [--sizes 224 512] [--batch N] [--amp] [--train] [--quick]
                               [--json results.json]
 
-MODEL: slak_t | slak_s | slak_b (training form), slak_t_deploy (merged kernels), convnext_tiny (timm), or a config
-path (its backbone). Default: slak_t slak_t_deploy convnext_tiny. Inputs are plain NCHW tensors, as a user passes
+MODEL: slak_t | slak_s | slak_b (training form, conv_impl='auto': the fused Triton unit on CUDA), slak_t_torch
+(conv_impl='torch': PyTorch's convolutions), slak_t_deploy (merged kernels), convnext_tiny (timm), or a config path
+(its backbone). Default: slak_t slak_t_deploy convnext_tiny (plus slak_t_torch on CUDA). Inputs are plain NCHW tensors, as a user passes
 them. Reports inference images/s and time per batch, optionally the training-step time (forward + backward + SGD
 step), and peak memory on CUDA; ratios are against the last model listed, measured round-robin in the same run.
 """
@@ -31,6 +32,8 @@ def build(name: str, device: torch.device) -> torch.nn.Module:
         return model
     if name in ARCHS:
         return SLaK(ARCHS[name]).to(device)
+    if name.endswith('_torch') and name[:-len('_torch')] in ARCHS:
+        return SLaK(ARCHS[name[:-len('_torch')]], conv_impl='torch').to(device)
     if osp.isfile(name):
         from mmengine.registry import MODELS, init_default_scope
 
@@ -45,7 +48,7 @@ def build(name: str, device: torch.device) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('models', nargs='*', default=['slak_t', 'slak_t_deploy', 'convnext_tiny'])
+    parser.add_argument('models', nargs='*', default=None)
     parser.add_argument('--sizes', type=int, nargs='+', default=[224, 512])
     parser.add_argument('--batch', type=int, default=None, help='default: 1 on CPU, 32 (224) / 8 (512) on GPU')
     parser.add_argument('--amp', action='store_true', help='bf16 autocast (CPU and GPU)')
@@ -58,6 +61,9 @@ def main() -> None:
     if args.quick:
         args.sizes, args.repeats = [224], 3
     dev = device_name(device)
+    if not args.models:
+        args.models = ['slak_t'] + (['slak_t_torch'] if device.type == 'cuda' else []) + ['slak_t_deploy',
+                                                                                           'convnext_tiny']
     print(f'device: {dev}; torch {torch.__version__}; {"bf16 autocast" if args.amp else "fp32"}')
     models = {n: build(n, device) for n in args.models}
     base = args.models[-1]
@@ -76,7 +82,7 @@ def main() -> None:
         for m in models.values():
             m.eval()
         t_inf = time_interleaved({n: infer(m) for n, m in models.items()}, device, args.repeats)
-        t_train = {}
+        t_train, train_mem = {}, {}
         if args.train:
             opts = {n: torch.optim.SGD(m.parameters(), lr=1e-6) for n, m in models.items() if not n.endswith('deploy')}
 
@@ -92,6 +98,12 @@ def main() -> None:
             for n in opts:
                 models[n].train()
             t_train = time_interleaved({n: step(n) for n in opts}, device, max(2, args.repeats // 2))
+            train_mem = {}
+            if device.type == 'cuda':
+                for n in opts:
+                    torch.cuda.reset_peak_memory_stats(device)
+                    step(n)()
+                    train_mem[n] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         print(f'\n| model @ {size}, batch {batch} | inference ms/batch | images/s | vs {base} | train step ms | '
               f'vs {base} | peak mem |')
         print('|---|---|---|---|---|---|---|')
@@ -101,6 +113,8 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats(device)
                 infer(models[n])()
                 mem = f'{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB (inference)'
+                if n in train_mem:
+                    mem += f', {train_mem[n]:.2f} GiB (train)'
             tr = t_train.get(n)
             tr_ratio = f'{tr / t_train[base]:.2f}×' if tr and base in t_train else '–'
             print(f'| {n} | {t_inf[n] * 1e3:.1f} | {batch / t_inf[n]:.1f} | {t_inf[n] / t_inf[base]:.2f}× | '
@@ -108,7 +122,9 @@ def main() -> None:
                   f'| {n} | {t_inf[n] * 1e3:.1f} | {batch / t_inf[n]:.1f} | {t_inf[n] / t_inf[base]:.2f}× | – | – | '
                   f'{mem} |')
             results.append(dict(model=n, size=size, batch=batch, infer_ms=t_inf[n] * 1e3,
-                                train_ms=tr * 1e3 if tr else None, ratio_vs_base=t_inf[n] / t_inf[base]))
+                                train_ms=tr * 1e3 if tr else None, ratio_vs_base=t_inf[n] / t_inf[base],
+                                train_ratio_vs_base=tr / t_train[base] if tr and base in t_train else None,
+                                peak_train_gib=train_mem.get(n)))
     os.makedirs(osp.dirname(args.json) or '.', exist_ok=True)
     json.dump(dict(device=dev, torch=torch.__version__, amp=args.amp, base=base, results=results,
                    command=' '.join(sys.argv)), open(args.json, 'w'), indent=1)

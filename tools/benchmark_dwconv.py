@@ -3,13 +3,15 @@
     python tools/benchmark_dwconv.py [--sizes 224 512 800x1344] [--batch 1] [--dtypes float32] [--quick]
                                      [--json results.json]
 
-For each stage shape (input size -> stage map, channels, long edge M, short edge N=5) and each of the three SLaK
-branches (M×N, N×M, N×N), times forward, input-gradient and weight-gradient separately for:
-  ours       slak_mm.ops.dwconv2d with an NCHW input (what a user passes; layout handled inside)
-  nchw       nn.Conv2d on NCHW
-  cl         nn.Conv2d on a channels_last input
-and reports the SLaK unit (sum over the three branches), GF/s and the fraction of this machine's fp32 GEMM rate
-measured in the same run. Prints a markdown table and writes JSON with the device name.
+For each stage shape (input size -> stage map, channels, long edge M, short edge N=5), times SLaK's depthwise unit
+(the M×N, N×M and N×N branches of one input) for forward, input-gradient, weight-gradient and forward+backward
+(both gradients) separately:
+  ours       slak_mm.ops.dwconv2d_branches, impl='auto', NCHW input (what a user passes; layout handled inside):
+             the fused Triton unit on CUDA; on CPU oneDNN channels_last plus the FFT weight gradient
+  nchw       three F.conv2d (nn.Conv2d) calls on NCHW
+  cl         three F.conv2d calls on a channels_last input
+and reports GF/s (dense MACs, 3× for forward+backward) and the fraction of this machine's fp32 GEMM rate measured in
+the same run. Prints a markdown table and writes JSON with the device name.
 """
 import argparse
 import json
@@ -22,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from slak_mm.benchmark_utils import device_name, gemm_gflops, time_interleaved  # noqa: E402
-from slak_mm.ops import dwconv2d  # noqa: E402
+from slak_mm.ops import dwconv2d_branches  # noqa: E402
 
 STAGES = [(124, 51, 4), (249, 49, 8), (499, 47, 16), (998, 13, 32)]  # SLaK-T: channels, long edge, stride
 SHORT = 5
@@ -33,26 +35,27 @@ def parse_size(s: str):
     return int(h), int(w or h)
 
 
-def make_fns(x: torch.Tensor, w: torch.Tensor, phase: str):
-    kh, kw = w.shape[2:]
-    pad = (kh // 2, kw // 2)
+def make_fns(x: torch.Tensor, kernels, phase: str):
+    """One callable per implementation computing the whole unit (all ``kernels`` on ``x``) for ``phase``."""
     c = x.shape[1]
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    impls = {'ours': lambda a, b: dwconv2d(a, b),
-             'nchw': lambda a, b: F.conv2d(a, b, padding=pad, groups=c),
-             'cl': lambda a, b: F.conv2d(a, b, padding=pad, groups=c)}
+
+    def separate(a, ks):
+        return [F.conv2d(a, k, padding=(k.shape[2] // 2, k.shape[3] // 2), groups=c) for k in ks]
+    impls = {'ours': lambda a, ks: dwconv2d_branches(a, ks), 'nchw': separate, 'cl': separate}
     inputs = {'ours': x, 'nchw': x, 'cl': x_cl}
 
     def fn(name):
-        a = inputs[name].detach().requires_grad_(phase == 'input_grad')
-        b = w.detach().requires_grad_(phase == 'weight_grad')
+        a = inputs[name].detach().requires_grad_(phase in ('input_grad', 'fwd_bwd'))
+        ks = [k.detach().requires_grad_(phase in ('weight_grad', 'fwd_bwd')) for k in kernels]
         if phase == 'forward':
-            with torch.no_grad():
-                return lambda: impls[name](a, b)
-        y = impls[name](a, b)
-        g = torch.ones_like(y)
-        target = a if phase == 'input_grad' else b
-        return lambda: torch.autograd.grad(impls[name](a, b), target, g)
+            def run():
+                with torch.no_grad():
+                    return impls[name](a, ks)
+            return run
+        targets = [a] if phase == 'input_grad' else ks if phase == 'weight_grad' else [a, *ks]
+        gs = [torch.ones_like(y) for y in impls[name](a, ks)]
+        return lambda: torch.autograd.grad(impls[name](a, ks), targets, gs)
     return {name: fn(name) for name in impls}
 
 
@@ -62,7 +65,8 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=None, help='default: 8 at 224, 1 otherwise (CPU); 32/8/2 GPU')
     parser.add_argument('--dtypes', nargs='+', default=None, help='default: float32 on CPU; float32 bfloat16 '
                                                                   'float16 on GPU')
-    parser.add_argument('--phases', nargs='+', default=['forward', 'input_grad', 'weight_grad'])
+    parser.add_argument('--phases', nargs='+', default=['forward', 'input_grad', 'weight_grad', 'fwd_bwd'],
+                        choices=['forward', 'input_grad', 'weight_grad', 'fwd_bwd'])
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--quick', action='store_true', help='224 only, batch 2, 3 repeats')
     parser.add_argument('--json', default='work_dirs/benchmarks/dwconv.json')
@@ -91,12 +95,8 @@ def main() -> None:
                            for k in ((m, SHORT), (SHORT, m), (SHORT, SHORT))]
                 macs = batch * c * h * w * sum(k.shape[2] * k.shape[3] for k in kernels)
                 for phase in args.phases:
-                    total = {'ours': 0.0, 'nchw': 0.0, 'cl': 0.0}
-                    for k in kernels:
-                        t = time_interleaved(make_fns(x, k, phase), device, args.repeats)
-                        for name in total:
-                            total[name] += t[name]
-                    gfs = 2 * macs / total['ours'] / 1e9
+                    total = time_interleaved(make_fns(x, kernels, phase), device, args.repeats)
+                    gfs = 2 * macs * (3 if phase == 'fwd_bwd' else 1) / total['ours'] / 1e9
                     row = dict(input=size, stage=si, shape=[batch, c, h, w], dtype=dt, phase=phase,
                                ms={k: v * 1e3 for k, v in total.items()}, gflops_ours=gfs,
                                frac_gemm=gfs / gemm if dt == 'float32' else None)

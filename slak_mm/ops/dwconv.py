@@ -16,7 +16,6 @@ Kernel taps that can only see zero padding (maps smaller than the kernel) are sk
 :func:`dwconv2d_branches` runs SLaK's M×N, N×M and N×N branches of one input in one pass (Triton) and
 :func:`dwconv2d_sum` the sum of several kernels plus bias (the deployed cross-shaped kernel as two bands).
 """
-import math
 import os
 from functools import lru_cache
 from typing import List, Optional, Sequence
@@ -120,10 +119,14 @@ def _fft_size(n: int) -> int:
 
 
 def fft_weight_grad_wins(height: int, width: int, kh: int, kw: int) -> bool:
-    """Cost model: direct weight-gradient ~ H·W·kh·kw multiply-adds per image-channel; FFT ~ 3 transforms of
-    Hp·Wp points (~4·log2(Hp·Wp) per point each, measured). Picks FFT for SLaK's long bands on large maps only."""
-    hp, wp = _fft_size(height + kh - 1), _fft_size(width + kw - 1)
-    return kh * kw > 4 * math.log2(hp * wp) * hp * wp / (height * width)
+    """Whether the CPU weight gradient should go through FFT: for every kernel larger than 7×7 in area.
+
+    Measured on oneDNN (docs/benchmarks.md, 2-core Xeon): its channels_last depthwise weight-gradient slows down far
+    more than linearly with the kernel area (SLaK-T stage 3 at 224: 13×5 takes 8.5× the 5×5's time), so FFT wins for
+    every SLaK band measured (7×7 to 128×128 maps, 1.3-17× faster) and loses only for the 5×5 kernels (up to 2.7×
+    slower). The map size hardly matters in that range; the FFT's memory is ~4× the input's.
+    """
+    return kh * kw >= 49
 
 
 def fft_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
