@@ -114,6 +114,23 @@ def test_bias_gradient_and_single_kernel_api():
     torch.testing.assert_close(db, g.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
 
 
+def test_autocast_casts_like_conv2d():
+    """Under autocast the Triton path computes in the autocast dtype (as F.conv2d does) and the gradient reaches the
+    fp32 parameter in fp32 (bf16 tolerance)."""
+    x, (w,) = _inputs((1, 5, 6, 7), [(9, 3)], torch.float32, True)
+    w.requires_grad_()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = dwconv2d(x, w, impl='triton')
+    assert y.dtype == torch.bfloat16
+    xb, wb = x.to(torch.bfloat16), w.detach().to(torch.bfloat16)
+    _close(y, _conv64(xb, wb), torch.bfloat16, 'autocast forward')
+    g = torch.randn(y.shape)
+    (dw,) = torch.autograd.grad(y, w, g.to(torch.bfloat16))
+    assert dw.dtype == torch.float32
+    w64 = wb.double().requires_grad_()
+    _close(dw, torch.autograd.grad(_conv64(xb, w64), w64, g.double())[0], torch.bfloat16, 'autocast weight grad')
+
+
 def test_padding_only_taps_are_never_read():
     """Kernel rows/columns that can only meet zero padding are skipped, not multiplied by zero: NaNs placed there
     do not reach the output (F.conv2d would return NaN everywhere), and the result equals the clipped kernel's."""
