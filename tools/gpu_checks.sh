@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-work_dirs/gpu}
 mkdir -p "$OUT"
-PY=${PY:-python}
+PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" ||
     { echo "gpu_checks.sh: no CUDA device visible to torch; run it on a GPU machine (CPU benchmarks: make bench)"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
