@@ -39,8 +39,10 @@ def _tap_range(k, n, start, stop):
 
 
 @triton.jit
-def _accumulate(acc, x_ptr, w_ptr, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw, KH, KW):
-    """acc[p, c] += sum over valid taps (i, j) of x[oh + i - KH//2, ow + j - KW//2, c] * w[c, i, j]."""
+def _accumulate(acc, x_ptr, w_ptr, C, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw, KH, KW):
+    """acc[p, c] += sum over valid taps (i, j) of x[oh + i - KH//2, ow + j - KW//2, c] * w[i, j, c].
+
+    Weights are tap-major (KH, KW, C) so each tap's channel vector is one contiguous load."""
     i_lo, i_hi = _tap_range(KH, H, h0, h1)
     j_lo, j_hi = _tap_range(KW, W, w0, w1)
     for i in range(i_lo, i_hi):
@@ -52,13 +54,13 @@ def _accumulate(acc, x_ptr, w_ptr, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, 
             m = rmask & (iw >= 0) & (iw < W)
             xv = tl.load(x_ptr + (roff + iw * sxw)[:, None] + xoff_c[None, :], mask=m[:, None] & cmask[None, :],
                          other=0.)
-            wv = tl.load(w_ptr + c * (KH * KW) + (i * KW + j), mask=cmask, other=0.)
+            wv = tl.load(w_ptr + (i * KW + j) * C + c, mask=cmask, other=0.)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
     return acc
 
 
 @triton.jit
-def _accumulate_shared(acc, acc2, x_ptr, w_ptr, w2_ptr, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw,
+def _accumulate_shared(acc, acc2, x_ptr, w_ptr, w2_ptr, C, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw,
                        KH, KW, KH2):
     """:func:`_accumulate` for the first kernel, plus a centred (KH2, KW) kernel from the same loads into acc2."""
     i_lo, i_hi = _tap_range(KH, H, h0, h1)
@@ -74,10 +76,10 @@ def _accumulate_shared(acc, acc2, x_ptr, w_ptr, w2_ptr, c, cmask, xoff_c, oh, ow
             m = rmask & (iw >= 0) & (iw < W)
             xv = tl.load(x_ptr + (roff + iw * sxw)[:, None] + xoff_c[None, :], mask=m[:, None] & cmask[None, :],
                          other=0.).to(tl.float32)
-            wv = tl.load(w_ptr + c * (KH * KW) + (i * KW + j), mask=cmask, other=0.)
+            wv = tl.load(w_ptr + (i * KW + j) * C + c, mask=cmask, other=0.)
             acc += xv * wv.to(tl.float32)[None, :]
             if in_second:
-                w2v = tl.load(w2_ptr + c * (KH2 * KW) + ((i - d) * KW + j), mask=cmask, other=0.)
+                w2v = tl.load(w2_ptr + ((i - d) * KW + j) * C + c, mask=cmask, other=0.)
                 acc2 += xv * w2v.to(tl.float32)[None, :]
     return acc, acc2
 
@@ -105,17 +107,17 @@ def _dw_fwd_kernel(x0_ptr, x1_ptr, x2_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, y0_
     acc1 = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], dtype=tl.float32)
     if SHARE:
-        acc0, acc2 = _accumulate_shared(acc0, acc2, x0_ptr + xb, w0_ptr, w2_ptr, c, cmask, xoff_c, oh, ow,
+        acc0, acc2 = _accumulate_shared(acc0, acc2, x0_ptr + xb, w0_ptr, w2_ptr, C, c, cmask, xoff_c, oh, ow,
                                         h0, h1, w0, w1, H, W, sxh, sxw, KH0, KW0, KH2)
     else:
-        acc0 = _accumulate(acc0, x0_ptr + xb, w0_ptr, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw,
+        acc0 = _accumulate(acc0, x0_ptr + xb, w0_ptr, C, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw,
                            KH0, KW0)
     if NB > 1:
-        acc1 = _accumulate(acc1, x1_ptr + xb, w1_ptr, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw,
+        acc1 = _accumulate(acc1, x1_ptr + xb, w1_ptr, C, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw,
                            KH1, KW1)
     if NB > 2:
         if not SHARE:
-            acc2 = _accumulate(acc2, x2_ptr + xb, w2_ptr, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw,
+            acc2 = _accumulate(acc2, x2_ptr + xb, w2_ptr, C, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw,
                                KH2, KW2)
     yoff = n.to(tl.int64) * syn + (oh * syh + ow * syw)[:, None] + (c * syc)[None, :]
     ymask = ((oh < H) & (ow < W))[:, None] & cmask[None, :]
@@ -203,10 +205,11 @@ def _launch_fwd(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], bia
     outs = [torch.empty_like(x, memory_format=fmt) for _ in range(1 if sum_outputs else nb)]
     if x.numel() == 0:
         return outs
-    ws = [k.contiguous() for k in weights] + [weights[0].contiguous()] * (3 - nb)
+    ws = [k.permute(2, 3, 0, 1).contiguous() for k in weights]  # (kh, kw, C, 1): tap-major, channels contiguous
+    ws += [ws[0]] * (3 - nb)
     xs = list(xs) + [xs[0]] * (3 - len(xs))
     ys = outs + [outs[0]] * (3 - len(outs))
-    sizes = [(k.shape[2], k.shape[3]) for k in ws]
+    sizes = [(k.shape[0], k.shape[1]) for k in ws]
     bh, bw, bc = _fwd_blocks(c, h, w, fmt == torch.channels_last)
     grid = (triton.cdiv(h, bh) * triton.cdiv(w, bw), triton.cdiv(c, bc), n)
     _dw_fwd_kernel[grid](xs[0], xs[1], xs[2], ws[0], ws[1], ws[2], bias if bias is not None else ws[0],
