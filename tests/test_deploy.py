@@ -107,3 +107,35 @@ def test_fuse_bn_matches_eval_bn():
     x = torch.randn(1, 3, 9, 9)
     y = torch.nn.functional.conv2d(x, k, b, padding=(2, 1), groups=3)
     torch.testing.assert_close(y, bn(conv(x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('layout', ['decomposed', 'dense'])
+def test_eval_mode_runs_bn_folded_and_matches_branchwise(layout):
+    """In eval mode the module folds its BNs on the fly (two band convs instead of three conv+BN branches). The
+    branch-wise computation of the same module (forced by a forward hook on a branch, which must disable folding so
+    hook-based tools such as the FLOP counter still see every conv) gives the same output and gradients."""
+    torch.manual_seed(0)
+    m = LargeKernelConv(8, 13, 3, dict(type='BN'), layout=layout)
+    for b in m.branches():
+        b.bn.running_mean.normal_()
+        b.bn.running_var.uniform_(0.5, 2)
+        b.bn.weight.data.normal_()
+        b.bn.bias.data.normal_()
+    m.eval()
+    x = torch.randn(2, 8, 9, 11).contiguous(memory_format=torch.channels_last)
+    calls = []
+    x1 = x.clone().requires_grad_()
+    y1 = m(x1)
+    handle = m.branches()[0].register_forward_hook(lambda *a: calls.append(1))
+    x2 = x.clone().requires_grad_()
+    y2 = m(x2)
+    handle.remove()
+    assert calls == [1]  # the hooked run went branch-wise
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y1)
+    grads1 = torch.autograd.grad(y1, [x1, *m.parameters()], g)
+    grads2 = torch.autograd.grad(y2, [x2, *m.parameters()], g)
+    for a, b in zip(grads1, grads2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    m.train()
+    assert not m._can_fold(m.branches())

@@ -127,6 +127,8 @@ class LargeKernelConv(nn.Module):
         if self.deploy:
             return self._forward_merged(x)
         branches = self.branches()
+        if self._can_fold(branches):
+            return self._forward_folded(x)
         if resolve_impl(self.conv_impl, x) == 'triton':
             # Fused unit: one pass over x produces every branch's conv output; each then goes through its own BN.
             outs = dwconv2d_branches(x, [b.conv.weight for b in branches], impl='triton')
@@ -138,6 +140,41 @@ class LargeKernelConv(nn.Module):
         for b in branches[1:]:
             out = out + b(x)
         return out
+
+    def _can_fold(self, branches: list) -> bool:
+        """Eval mode with running BN statistics, and nobody watching the branch modules (e.g. the FLOP counter's
+        hooks): the branches can run BN-folded, as the deployed model does."""
+        if self.training:
+            return False
+        for b in branches:
+            if b.bn.training or b.bn.running_mean is None:
+                return False
+            if any(m._forward_hooks or m._forward_pre_hooks for m in (b, b.conv, b.bn)):
+                return False
+        return True
+
+    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        # Folded every call (~20 small tensor ops): a cache keyed on version counters would go stale when weights are
+        # changed through ``.data`` (mmengine's EMA model does), which version counters do not see.
+        return dwconv2d_sum(x, *self._folded_kernels(), impl=self.conv_impl)
+
+    def _folded_kernels(self) -> Tuple[list, torch.Tensor]:
+        # Eval-mode BN is affine, so conv+BN per branch == conv with a scaled kernel plus a bias, and the N×N kernel
+        # adds into the centre of the M×N (or M×M) one: two band convs (one for 'dense') and one bias instead of three
+        # convs, three BNs and two adds. The deployed model's arithmetic, computed from the live parameters (so
+        # gradients still reach them); equal to the branch-wise result up to float rounding (tested).
+        small = fuse_bn(self.small.conv.weight, self.small.bn) if self.small is not None else None
+        first, bias = fuse_bn((self.tall if self.layout == 'decomposed' else self.dense).conv.weight,
+                              (self.tall if self.layout == 'decomposed' else self.dense).bn)
+        if small is not None:
+            ph, pw = (first.shape[2] - small[0].shape[2]) // 2, (first.shape[3] - small[0].shape[3]) // 2
+            first, bias = first + F.pad(small[0], (pw, pw, ph, ph)), bias + small[1]
+        kernels = [first]
+        if self.layout == 'decomposed':
+            wide, wide_bias = fuse_bn(self.wide.conv.weight, self.wide.bn)
+            kernels.append(wide)
+            bias = bias + wide_bias
+        return kernels, bias
 
     def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
         # A cross-shaped M×M kernel runs as two band convs (M×N, and N×M with the shared centre zeroed): ~510 MACs per
