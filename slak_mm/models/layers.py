@@ -164,8 +164,8 @@ class LargeKernelConv(nn.Module):
         # convs, three BNs and two adds. The deployed model's arithmetic, computed from the live parameters (so
         # gradients still reach them); equal to the branch-wise result up to float rounding (tested).
         small = fuse_bn(self.small.conv.weight, self.small.bn) if self.small is not None else None
-        first, bias = fuse_bn((self.tall if self.layout == 'decomposed' else self.dense).conv.weight,
-                              (self.tall if self.layout == 'decomposed' else self.dense).bn)
+        lead = self.tall if self.layout == 'decomposed' else self.dense
+        first, bias = fuse_bn(lead.conv.weight, lead.bn)
         if small is not None:
             ph, pw = (first.shape[2] - small[0].shape[2]) // 2, (first.shape[3] - small[0].shape[3]) // 2
             first, bias = first + F.pad(small[0], (pw, pw, ph, ph)), bias + small[1]
