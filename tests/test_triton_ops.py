@@ -171,6 +171,18 @@ def test_large_kernel_module_triton_matches_torch_path():
         torch.testing.assert_close(tri(x), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_hooked_branches_run_module_by_module_under_triton():
+    """Forward hooks on a branch (the FLOP counter's) make the Triton module call every branch module, so hook-based
+    tools count the same convs whatever conv_impl is."""
+    from slak_mm.models.layers import LargeKernelConv
+    m = LargeKernelConv(4, 7, 3, dict(type='BN'), conv_impl='triton')
+    seen = []
+    for b in m.branches():
+        b.conv.register_forward_hook(lambda mod, i, o: seen.append(tuple(mod.weight.shape[2:])))
+    y = m(torch.randn(1, 4, 5, 6))
+    assert sorted(seen) == [(3, 3), (3, 7), (7, 3)] and y.shape == (1, 4, 5, 6)
+
+
 def test_backbone_with_triton_matches_torch():
     from conftest import TINY_ARCH
     from slak_mm.models import SLaK

@@ -129,7 +129,7 @@ class LargeKernelConv(nn.Module):
         branches = self.branches()
         if self._can_fold(branches):
             return self._forward_folded(x)
-        if resolve_impl(self.conv_impl, x) == 'triton':
+        if resolve_impl(self.conv_impl, x) == 'triton' and not self._hooked(branches):
             # Fused unit: one pass over x produces every branch's conv output; each then goes through its own BN.
             outs = dwconv2d_branches(x, [b.conv.weight for b in branches], impl='triton')
             out = branches[0].bn(outs[0])
@@ -141,17 +141,18 @@ class LargeKernelConv(nn.Module):
             out = out + b(x)
         return out
 
+    @staticmethod
+    def _hooked(branches: list) -> bool:
+        """Whether anything watches the branch modules (e.g. the FLOP counter's forward hooks): then every branch
+        module must really run, so the fused and folded paths are not taken."""
+        return any(m._forward_hooks or m._forward_pre_hooks for b in branches for m in (b, b.conv, b.bn))
+
     def _can_fold(self, branches: list) -> bool:
-        """Eval mode with running BN statistics, and nobody watching the branch modules (e.g. the FLOP counter's
-        hooks): the branches can run BN-folded, as the deployed model does."""
-        if self.training:
+        """Eval mode with running BN statistics and no hooks on the branches: the branches can run BN-folded, as the
+        deployed model does."""
+        if self.training or self._hooked(branches):
             return False
-        for b in branches:
-            if b.bn.training or b.bn.running_mean is None:
-                return False
-            if any(m._forward_hooks or m._forward_pre_hooks for m in (b, b.conv, b.bn)):
-                return False
-        return True
+        return all(not b.bn.training and b.bn.running_mean is not None for b in branches)
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         # Folded every call (~20 small tensor ops): a cache keyed on version counters would go stale when weights are
