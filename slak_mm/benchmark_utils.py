@@ -6,6 +6,9 @@ from typing import Callable, Dict, List
 
 import torch
 
+#: SLaK-T's depthwise stages: (channels, long kernel edge M, stride of the stage's map); the short edge N is 5.
+SLAK_T_STAGES = [(124, 51, 4), (249, 49, 8), (499, 47, 16), (998, 13, 32)]
+
 
 def device_name(device: torch.device) -> str:
     if device.type == 'cuda':

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from slak_mm.ops import dwconv2d, dwconv2d_branches, dwconv2d_sum, resolve_impl
 
-import triton  # noqa: E402  (ships with PyTorch's Linux wheels; a declared test dependency in pyproject.toml)
+import triton  # noqa: E402,F401  (ships with PyTorch's Linux wheels; a declared test dependency in pyproject.toml)
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 

@@ -23,10 +23,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from slak_mm.benchmark_utils import device_name, gemm_gflops, time_interleaved  # noqa: E402
+from slak_mm.benchmark_utils import SLAK_T_STAGES, device_name, gemm_gflops, time_interleaved  # noqa: E402
 from slak_mm.ops import dwconv2d_branches  # noqa: E402
 
-STAGES = [(124, 51, 4), (249, 49, 8), (499, 47, 16), (998, 13, 32)]  # SLaK-T: channels, long edge, stride
 SHORT = 5
 
 
@@ -86,7 +85,7 @@ def main() -> None:
         h_in, w_in = parse_size(size)
         batch = args.batch or ((8 if h_in <= 224 else 1) if device.type == 'cpu' else
                                (32 if h_in <= 224 else 8 if h_in <= 512 else 2))
-        for si, (c, m, stride) in enumerate(STAGES):
+        for si, (c, m, stride) in enumerate(SLAK_T_STAGES):
             h, w = h_in // stride, w_in // stride
             for dt in dtypes:
                 dtype = getattr(torch, dt)

@@ -20,10 +20,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from slak_mm.benchmark_utils import device_name  # noqa: E402
+from slak_mm.benchmark_utils import SLAK_T_STAGES, device_name  # noqa: E402
 from slak_mm.ops import dwconv2d_branches, dwconv2d_sum  # noqa: E402
 
-STAGES = [(124, 51, 4), (249, 49, 8), (499, 47, 16), (998, 13, 32)]  # SLaK-T: channels, long edge, stride
 TOL = {'float32': 1e-4, 'float16': 2e-3, 'bfloat16': 1.6e-2}
 
 
@@ -60,7 +59,7 @@ def main() -> int:
     parser.add_argument('--json', default='work_dirs/benchmarks/triton_check.json')
     args = parser.parse_args()
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    stages = [(5, 13, 4), (7, 11, 8)] if args.tiny else STAGES
+    stages = [(5, 13, 4), (7, 11, 8)] if args.tiny else SLAK_T_STAGES
     sizes = [24] if args.tiny else args.sizes
     print(f'device: {device_name(device)}; torch {torch.__version__}')
     rows, failed = [], 0

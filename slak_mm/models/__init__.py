@@ -1,5 +1,5 @@
 """SLaK models. Registered in ``slak_mm``'s registry scope when mmengine is installed."""
-from .layers import LargeKernelConv, LayerNorm2d, fuse_bn, merge_decomposed_kernel
+from .layers import LargeKernelConv, LayerNorm2d, fuse_bn
 from .slak import SLaK
 
 try:
@@ -9,4 +9,4 @@ except ImportError:  # torch + timm only
 if MODELS is not None:
     MODELS.register_module(module=SLaK)
 
-__all__ = ['SLaK', 'LargeKernelConv', 'LayerNorm2d', 'fuse_bn', 'merge_decomposed_kernel']
+__all__ = ['SLaK', 'LargeKernelConv', 'LayerNorm2d', 'fuse_bn']

@@ -61,23 +61,6 @@ def fuse_bn(kernel: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> Tuple[
     return kernel * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
 
 
-def merge_decomposed_kernel(tall: Tuple[torch.Tensor, torch.Tensor], wide: Tuple[torch.Tensor, torch.Tensor],
-                            small: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Merge BN-folded (kernel, bias) pairs of the M×N, N×M and N×N branches into one centred M×M kernel and bias.
-
-    The result is the cross-shaped kernel (zero outside the two bands); exact zeros of sparse weights stay zero.
-    """
-    (k_tall, b_tall), (k_wide, b_wide) = tall, wide
-    m, n = k_tall.shape[2], k_tall.shape[3]
-    p = (m - n) // 2
-    kernel = F.pad(k_tall, (p, p, 0, 0)) + F.pad(k_wide, (0, 0, p, p))
-    bias = b_tall + b_wide
-    if small is not None:
-        kernel = kernel + F.pad(small[0], (p, p, p, p))
-        bias = bias + small[1]
-    return kernel, bias
-
-
 def is_cross_kernel(kernel: torch.Tensor, n: int) -> bool:
     """True if an M×M kernel is zero outside the central N-wide row and column bands."""
     m = kernel.shape[-1]
@@ -127,9 +110,10 @@ class LargeKernelConv(nn.Module):
         if self.deploy:
             return self._forward_merged(x)
         branches = self.branches()
-        if self._can_fold(branches):
+        hooked = self._hooked(branches)  # watched branches must really run (FLOP counter): no folding, no fusing
+        if not hooked and self._can_fold(branches):
             return self._forward_folded(x)
-        if resolve_impl(self.conv_impl, x) == 'triton' and not self._hooked(branches):
+        if not hooked and resolve_impl(self.conv_impl, x) == 'triton':
             # Fused unit: one pass over x produces every branch's conv output; each then goes through its own BN.
             outs = dwconv2d_branches(x, [b.conv.weight for b in branches], impl='triton')
             out = branches[0].bn(outs[0])
@@ -143,16 +127,12 @@ class LargeKernelConv(nn.Module):
 
     @staticmethod
     def _hooked(branches: list) -> bool:
-        """Whether anything watches the branch modules (e.g. the FLOP counter's forward hooks): then every branch
-        module must really run, so the fused and folded paths are not taken."""
+        """Whether anything watches the branch modules (e.g. the FLOP counter's forward hooks)."""
         return any(m._forward_hooks or m._forward_pre_hooks for b in branches for m in (b, b.conv, b.bn))
 
     def _can_fold(self, branches: list) -> bool:
-        """Eval mode with running BN statistics and no hooks on the branches: the branches can run BN-folded, as the
-        deployed model does."""
-        if self.training or self._hooked(branches):
-            return False
-        return all(not b.bn.training and b.bn.running_mean is not None for b in branches)
+        """Eval mode with running BN statistics: the branches can run BN-folded, as the deployed model does."""
+        return not self.training and all(not b.bn.training and b.bn.running_mean is not None for b in branches)
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         # Folded every call (~20 small tensor ops): a cache keyed on version counters would go stale when weights are
@@ -208,15 +188,10 @@ class LargeKernelConv(nn.Module):
         """The exact eval-mode equivalent (M×M kernel, bias) of the three BN'd branches."""
         if self.deploy:
             return self.merged.weight.detach(), self.merged.bias.detach()
-        small = fuse_bn(self.small.conv.weight, self.small.bn) if self.small is not None else None
-        if self.layout == 'dense':
-            kernel, bias = fuse_bn(self.dense.conv.weight, self.dense.bn)
-            if small is not None:
-                p = (self.long_edge - self.short_edge) // 2
-                kernel, bias = kernel + F.pad(small[0], (p, p, p, p)), bias + small[1]
-            return kernel, bias
-        return merge_decomposed_kernel(fuse_bn(self.tall.conv.weight, self.tall.bn),
-                                       fuse_bn(self.wide.conv.weight, self.wide.bn), small)
+        kernels, bias = self._folded_kernels()
+        m = self.long_edge
+        kernel = sum(F.pad(k, ((m - k.shape[3]) // 2,) * 2 + ((m - k.shape[2]) // 2,) * 2) for k in kernels)
+        return kernel, bias
 
     @torch.no_grad()
     def switch_to_deploy(self) -> None:

@@ -118,7 +118,7 @@ def _fft_size(n: int) -> int:
         n += 1
 
 
-def fft_weight_grad_wins(height: int, width: int, kh: int, kw: int) -> bool:
+def fft_weight_grad_wins(kh: int, kw: int) -> bool:
     """Whether the CPU weight gradient should go through FFT: for every kernel larger than 7×7 in area.
 
     Measured on oneDNN (docs/benchmarks.md, 2-core Xeon): its channels_last depthwise weight-gradient slows down far
@@ -171,16 +171,20 @@ class _CPUDepthwiseFFTWeightGrad(torch.autograd.Function):
         return dx, dw, db
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    # oneDNN (CPU) and cuDNN (GPU) depthwise paths; NCHW long bands hit slow generic kernels. A no-op when the caller
+    # already runs channels_last (SLaK converts its input once).
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def _torch_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """PyTorch path for a channels_last ``x``."""
     if not _exporting():  # exported graphs keep dynamic sizes
         weight = clip_to_input(weight, x.shape[2], x.shape[3])
     kh, kw = weight.shape[2:]
-    # channels_last: oneDNN (CPU) and cuDNN (GPU) depthwise paths; NCHW long bands hit slow generic kernels.
-    # A no-op when the caller already runs channels_last (SLaK converts its input once).
-    x = x.contiguous(memory_format=torch.channels_last)
     if (x.device.type == 'cpu' and weight.requires_grad and torch.is_grad_enabled() and not _exporting()
             and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
-            and not torch.is_autocast_enabled('cpu') and fft_weight_grad_wins(x.shape[2], x.shape[3], kh, kw)):
+            and not torch.is_autocast_enabled('cpu') and fft_weight_grad_wins(kh, kw)):
         return _CPUDepthwiseFFTWeightGrad.apply(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
 
@@ -215,6 +219,7 @@ def dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optiona
         from .triton_dwconv import dwconv_branches
         x, (b, *ws) = _autocast(x, [bias, *weights])
         return dwconv_branches(x, ws, b, sum_outputs=True)
+    x = _channels_last(x)
     out = _torch_dwconv(x, weights[0], bias)
     for w in weights[1:]:
         out = out + _torch_dwconv(x, w, None)
@@ -230,4 +235,5 @@ def dwconv2d_branches(x: torch.Tensor, weights: Sequence[torch.Tensor], impl: st
         from .triton_dwconv import dwconv_branches
         x, ws = _autocast(x, weights)
         return list(dwconv_branches(x, ws, None, sum_outputs=False))
+    x = _channels_last(x)
     return [_torch_dwconv(x, w, None) for w in weights]
