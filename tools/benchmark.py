@@ -4,16 +4,19 @@
                               [--json results.json]
 
 MODEL: slak_t | slak_s | slak_b (training form, conv_impl='auto': the fused Triton unit on CUDA), slak_t_torch
-(conv_impl='torch': PyTorch's convolutions), slak_t_deploy (merged kernels), convnext_tiny (timm), or a config path
-(its backbone). Default: slak_t slak_t_deploy convnext_tiny (plus slak_t_torch on CUDA). Inputs are plain NCHW tensors, as a user passes
+(conv_impl='torch': PyTorch's convolutions), slak_t_deploy (merged kernels), convnext_tiny (timm), convnext_tiny_fused (timm's
+ConvNeXt-T with the CPU inference MLP fusion SLaK's blocks use: a like-for-like baseline), or a config path
+(its backbone); any name + '_unfused' runs that model with the MLP fusion off. Default: slak_t slak_t_deploy convnext_tiny (plus slak_t_torch on CUDA). Inputs are plain NCHW tensors, as a user passes
 them. Reports inference images/s and time per batch, optionally the training-step time (forward + backward + SGD
 step), and peak memory on CUDA; ratios are against the last model listed, measured round-robin in the same run.
 """
 import argparse
+import contextlib
 import json
 import os
 import os.path as osp
 import sys
+import types
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -21,11 +24,26 @@ import torch  # noqa: E402
 
 from slak_mm.benchmark_utils import device_name, time_interleaved  # noqa: E402
 from slak_mm.models import SLaK  # noqa: E402
+from slak_mm.ops.fused_mlp import can_fuse_mlp, fused_mlp_disabled, fused_mlp_residual  # noqa: E402
 
 ARCHS = {'slak_t': 'tiny', 'slak_s': 'small', 'slak_b': 'base'}
 
 
+class Unfused(torch.nn.Module):
+    """Runs the wrapped model with the CPU inference MLP fusion off (same-run A/B of that fusion)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with fused_mlp_disabled():
+            return self.model(x)
+
+
 def build(name: str, device: torch.device) -> torch.nn.Module:
+    if name.endswith('_unfused'):
+        return Unfused(build(name[:-len('_unfused')], device))
     if name.endswith('_deploy'):
         model = build(name[:-len('_deploy')], device).eval()
         model.switch_to_deploy()
@@ -43,7 +61,35 @@ def build(name: str, device: torch.device) -> torch.nn.Module:
         cfg.model.backbone.init_cfg = None
         return MODELS.build(cfg.model.backbone).to(device)
     import timm
-    return timm.create_model(name, pretrained=False, num_classes=0, global_pool='').to(device)
+    fused = name.endswith('_fused')
+    model = timm.create_model(name[:-len('_fused')] if fused else name, pretrained=False, num_classes=0,
+                              global_pool='').to(device)
+    return fuse_timm_convnext_mlp(model) if fused else model
+
+
+def fuse_timm_convnext_mlp(model: torch.nn.Module) -> torch.nn.Module:
+    """Give timm's ConvNeXt blocks the CPU inference MLP fusion and the channels_last weights SLaK's blocks use
+    (slak_mm.ops.fused_mlp), for a like-for-like ratio: part of SLaK-T's CPU speed is these two, which timm's
+    ConvNeXt does not do by default."""
+    from timm.models.convnext import ConvNeXtBlock
+
+    def forward(self, x):
+        y = self.norm(self.conv_dw(x).permute(0, 2, 3, 1))
+        mlp = self.mlp
+        if not self.training and can_fuse_mlp(y, mlp.fc1, mlp.act, mlp.fc2):
+            return fused_mlp_residual(y, x, mlp.fc1, mlp.act, mlp.fc2, self.gamma)
+        y = mlp(y).permute(0, 3, 1, 2)
+        if self.gamma is not None:
+            y = y.mul(self.gamma.reshape(1, -1, 1, 1))
+        return self.drop_path(y) + self.shortcut(x)
+
+    blocks = [m for m in model.modules() if isinstance(m, ConvNeXtBlock)]
+    if not blocks or any(b.use_conv_mlp or not isinstance(b.shortcut, torch.nn.Identity) for b in blocks):
+        raise ValueError('the _fused suffix needs a timm ConvNeXt with Linear MLPs and identity shortcuts')
+    for b in blocks:
+        b.forward = types.MethodType(forward, b)
+    # channels_last weights, as SLaK keeps them: activations then stay NHWC, so the fused residual needs no copy.
+    return model.to(memory_format=torch.channels_last)
 
 
 def main() -> None:
@@ -71,7 +117,7 @@ def main() -> None:
     for size in args.sizes:
         batch = args.batch or (1 if device.type == 'cpu' else (32 if size <= 224 else 8))
         x = torch.randn(batch, 3, size, size, device=device)
-        ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else torch.enable_grad
+        ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
 
         def infer(m):
             def run():

@@ -52,8 +52,8 @@ def main() -> None:
     x = torch.randn(1, 3, *args.shape)
     r = count_macs(model, whole_model_forward(model, x), parts=dict(backbone=model.backbone))
     print(f'{args.config} @ {args.shape[0]}x{args.shape[1]}')
-    print(f'| part | params dense | params non-zero | MACs dense | MACs non-zero |')
-    print(f'|---|---|---|---|---|')
+    print('| part | params dense | params non-zero | MACs dense | MACs non-zero |')
+    print('|---|---|---|---|---|')
     for part in ('backbone', 'model'):
         p = r[part]
         print(f'| {part} | {p["params"] / 1e6:.2f} M | {p["nonzero_params"] / 1e6:.2f} M | '

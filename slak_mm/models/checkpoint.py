@@ -11,7 +11,7 @@ import os
 import pickle
 import re
 import zipfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F

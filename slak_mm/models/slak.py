@@ -12,6 +12,7 @@ import torch.utils.checkpoint as cp
 from timm.layers import DropPath, trunc_normal_
 
 from ..ops import IMPLS, triton_available
+from ..ops.fused_mlp import can_fuse_mlp, fused_mlp_residual
 from .layers import LargeKernelConv, LayerNorm2d
 
 try:  # mm stack present: full OpenMMLab integration
@@ -37,7 +38,11 @@ def _log(msg: str, level: str = 'INFO') -> None:
 
 
 class Block(nn.Module):
-    """large_kernel -> NHWC -> LayerNorm -> Linear(C, 4C) -> GELU -> Linear(4C, C) -> gamma -> NCHW -> residual."""
+    """large_kernel -> NHWC -> LayerNorm -> Linear(C, 4C) -> GELU -> Linear(4C, C) -> gamma -> NCHW -> residual.
+
+    CPU inference (eval, no grad, float32) runs the MLP and residual fused in oneDNN: see
+    :mod:`slak_mm.ops.fused_mlp`.
+    """
 
     def __init__(self, dim: int, long_edge: int, short_edge: int, drop_path: float = 0.,
                  layer_scale_init_value: float = 1e-6, norm_cfg: Optional[Dict] = None,
@@ -57,8 +62,10 @@ class Block(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.large_kernel(x).permute(0, 2, 3, 1)
-        x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
+        x = self.norm(self.large_kernel(x).permute(0, 2, 3, 1))
+        if not self.training and can_fuse_mlp(x, self.pwconv1, self.act, self.pwconv2):
+            return fused_mlp_residual(x, shortcut, self.pwconv1, self.act, self.pwconv2, self.gamma)
+        x = self.pwconv2(self.act(self.pwconv1(x)))
         if self.gamma is not None:
             x = x * self.gamma
         return shortcut + self.drop_path(x.permute(0, 3, 1, 2))
