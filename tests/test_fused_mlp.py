@@ -96,3 +96,24 @@ def test_disabled_block_runs_plain_modules_and_restores():
         with fused_mlp_disabled():
             assert FUSED_OP not in _ops(lambda: model(x))
         assert FUSED_OP in _ops(lambda: model(x))
+
+
+def test_benchmark_like_for_like_convnext_baseline_computes_the_same():
+    # tools/benchmark.py's convnext_tiny_fused must be timm's ConvNeXt-T, only faster, or its ratio means nothing.
+    import os.path as osp
+    import sys
+    sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
+    import benchmark
+    torch.manual_seed(0)
+    plain = benchmark.build('convnext_tiny', torch.device('cpu')).eval()
+    fused = benchmark.build('convnext_tiny_fused', torch.device('cpu')).eval()
+    for blk in plain.modules():  # non-trivial layer scale, so the residual branch matters
+        if getattr(blk, 'gamma', None) is not None:
+            blk.gamma.data.uniform_(0.5, 1.5)
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ops = _ops(lambda: fused(x))
+        ref, out = plain(x), fused(x)
+    assert FUSED_OP in ops
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

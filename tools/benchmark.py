@@ -4,11 +4,13 @@
                               [--json results.json]
 
 MODEL: slak_t | slak_s | slak_b (training form, conv_impl='auto': the fused Triton unit on CUDA), slak_t_torch
-(conv_impl='torch': PyTorch's convolutions), slak_t_deploy (merged kernels), convnext_tiny (timm), convnext_tiny_fused (timm's
-ConvNeXt-T with the CPU inference MLP fusion SLaK's blocks use: a like-for-like baseline), or a config path
-(its backbone); any name + '_unfused' runs that model with the MLP fusion off. Default: slak_t slak_t_deploy convnext_tiny (plus slak_t_torch on CUDA). Inputs are plain NCHW tensors, as a user passes
-them. Reports inference images/s and time per batch, optionally the training-step time (forward + backward + SGD
-step), and peak memory on CUDA; ratios are against the last model listed, measured round-robin in the same run.
+(conv_impl='torch': PyTorch's convolutions), slak_t_deploy (merged kernels), convnext_tiny (timm),
+convnext_tiny_fused (timm's ConvNeXt-T with the CPU inference MLP fusion and channels_last weights SLaK's blocks use:
+a like-for-like baseline), or a config path (its backbone); any name + '_unfused' runs that model with the MLP fusion
+off. Default: slak_t slak_t_deploy convnext_tiny, plus convnext_tiny_fused on CPU and slak_t_torch on CUDA. Inputs
+are plain NCHW tensors, as a user passes them. Reports inference images/s and time per batch (gradients off),
+optionally the training-step time (forward + backward + SGD step), and peak memory on CUDA; ratios are against the
+last model listed, measured round-robin in the same run.
 """
 import argparse
 import contextlib
@@ -71,6 +73,7 @@ def fuse_timm_convnext_mlp(model: torch.nn.Module) -> torch.nn.Module:
     """Give timm's ConvNeXt blocks the CPU inference MLP fusion and the channels_last weights SLaK's blocks use
     (slak_mm.ops.fused_mlp), for a like-for-like ratio: part of SLaK-T's CPU speed is these two, which timm's
     ConvNeXt does not do by default."""
+    from timm.layers.activations import GELU as TimmGELU
     from timm.models.convnext import ConvNeXtBlock
 
     def forward(self, x):
@@ -87,6 +90,10 @@ def fuse_timm_convnext_mlp(model: torch.nn.Module) -> torch.nn.Module:
     if not blocks or any(b.use_conv_mlp or not isinstance(b.shortcut, torch.nn.Identity) for b in blocks):
         raise ValueError('the _fused suffix needs a timm ConvNeXt with Linear MLPs and identity shortcuts')
     for b in blocks:
+        if isinstance(b.mlp.act, TimmGELU):  # timm's wrapper around F.gelu (exact): the same function as nn.GELU()
+            b.mlp.act = torch.nn.GELU()
+        if not isinstance(b.mlp.act, torch.nn.GELU):
+            raise ValueError(f'the _fused suffix needs GELU MLPs, got {type(b.mlp.act).__name__}')
         b.forward = types.MethodType(forward, b)
     # channels_last weights, as SLaK keeps them: activations then stay NHWC, so the fused residual needs no copy.
     return model.to(memory_format=torch.channels_last)
@@ -108,8 +115,8 @@ def main() -> None:
         args.sizes, args.repeats = [224], 3
     dev = device_name(device)
     if not args.models:
-        args.models = ['slak_t'] + (['slak_t_torch'] if device.type == 'cuda' else []) + ['slak_t_deploy',
-                                                                                           'convnext_tiny']
+        args.models = (['slak_t', 'slak_t_torch', 'slak_t_deploy'] if device.type == 'cuda' else
+                       ['slak_t', 'slak_t_deploy', 'convnext_tiny_fused']) + ['convnext_tiny']
     print(f'device: {dev}; torch {torch.__version__}; {"bf16 autocast" if args.amp else "fp32"}')
     models = {n: build(n, device) for n in args.models}
     base = args.models[-1]
