@@ -1,5 +1,6 @@
 """Timing helpers shared by the benchmark tools: device naming, synchronised interleaved timing, GEMM rate."""
 import platform
+import random
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -28,14 +29,22 @@ def _sync(device: torch.device) -> None:
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
                      warmup: int = 1) -> Dict[str, float]:
-    """Median seconds per call of each function, measured round-robin so machine noise hits all alike."""
+    """Median seconds per call of each function, measured round-robin so machine noise hits all alike.
+
+    Each repeat runs the functions in a fresh (seeded) random order: whichever call follows a heavy one pays for the
+    caches it evicted (up to ~25% on millisecond-scale ops here), and a fixed or rotated order would keep charging
+    that to the same function.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     _sync(device)
     times: Dict[str, List[float]] = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
             _sync(device)
             t0 = time.perf_counter()
             fn()

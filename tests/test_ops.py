@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from slak_mm.ops import dwconv2d
-from slak_mm.ops.dwconv import clip_to_input, fft_weight_grad, fft_weight_grad_wins
+from slak_mm.ops import dwconv2d_branches
+from slak_mm.ops.dwconv import clip_to_input, fft_weight_grad, fft_weight_grad_wins, nchw_wins
 
 
 def _ref(x, w, b=None):
@@ -99,3 +100,44 @@ def test_cpu_training_uses_fft_weight_gradient_for_long_bands():
         assert (a.double() - e).abs().max() <= 1e-5 * e.abs().max()
     with torch.no_grad():  # inference never takes the custom-autograd path
         assert dwconv2d(x, w, b).grad_fn is None
+
+
+def test_layout_rule_picks_nchw_only_for_training_short_kernels_on_small_maps():
+    cl = dict(memory_format=torch.channels_last)
+    bands = [torch.randn(4, 1, 13, 5, requires_grad=True), torch.randn(4, 1, 5, 13, requires_grad=True)]
+    small, big = torch.randn(1, 4, 7, 7).contiguous(**cl), torch.randn(1, 4, 16, 16).contiguous(**cl)
+    assert nchw_wins(small, bands)
+    assert not nchw_wins(big, bands)  # 256 pixels: channels_last is as fast
+    eight = torch.randn(1, 4, 8, 8).contiguous(**cl)
+    assert nchw_wins(eight, bands)
+    assert not nchw_wins(eight, [torch.randn(4, 1, 21, 5, requires_grad=True)])  # clipped to 15 > 13
+    assert nchw_wins(small, [torch.randn(4, 1, 51, 5, requires_grad=True)])  # ... but 51 clips to 13 on a 7×7 map
+    assert not nchw_wins(small, [b.detach() for b in bands])  # nothing needs a gradient: inference
+    with torch.no_grad():
+        assert not nchw_wins(small, bands)
+
+
+def test_nchw_layout_choice_gives_the_same_unit_and_gradients(monkeypatch):
+    """A SLaK stage-4-like unit (channels_last activations and weights) on a 7×7 map runs its convs NCHW, returns
+    channels_last outputs, and matches a float64 F.conv2d reference (forward and gradients, 1e-5 relative)."""
+    torch.manual_seed(0)
+    cl = dict(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 7, 7).contiguous(**cl).requires_grad_()
+    ws = [(torch.randn(6, 1, *k) / 8).contiguous(**cl).requires_grad_() for k in ((13, 5), (5, 13), (5, 5))]
+    seen = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(F, 'conv2d', lambda inp, w, *a, **kw: seen.append(
+        (inp.is_contiguous(), w.stride(1) != 1 or w.shape[2] * w.shape[3] == 1)) or conv2d(inp, w, *a, **kw))
+    outs = dwconv2d_branches(x, ws)
+    monkeypatch.undo()
+    assert seen == [(True, True)] * 3  # NCHW input and NCHW-strided weights reached the convs
+    assert all(o.is_contiguous(**cl) for o in outs)
+    g = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, [x, *ws], g)
+    x64, *w64 = (t.detach().double().requires_grad_() for t in (x, *ws))
+    ref = [F.conv2d(x64, w, padding=(w.shape[2] // 2, w.shape[3] // 2), groups=6) for w in w64]
+    exp = torch.autograd.grad(ref, [x64, *w64], [t.double() for t in g])
+    for o, r in zip(outs, ref):
+        assert (o.double() - r).abs().max() <= 1e-5 * r.abs().max()
+    for a, e in zip(got, exp):
+        assert (a.double() - e).abs().max() <= 1e-5 * e.abs().max()

@@ -177,12 +177,50 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _torch_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """PyTorch path for a channels_last ``x``."""
+#: On CPU, a unit whose kernels all have (clipped) edges <= NCHW_MAX_EDGE on a map of <= NCHW_MAX_PIXELS pixels trains
+#: faster in NCHW (see :func:`nchw_wins`).
+NCHW_MAX_EDGE = 13
+NCHW_MAX_PIXELS = 64
+
+
+def nchw_wins(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    """Whether the CPU torch path should run this unit NCHW instead of channels_last (same results).
+
+    Only when gradients are needed, every kernel edge is <= 13 after clipping and the map has <= 64 pixels: SLaK's
+    last stage at 224 input (7×7 maps, 13×5 bands). Measured on the 2-core Xeon VM (docs/benchmarks.md, "Layout
+    choice"): forward + backward of the three-branch unit 1.1–1.7× faster there, conversions included; from 16×16
+    maps on it is even (0.8–1.0×), kernels of 21+ taps are 2–10× faster channels_last, and for inference the forward
+    alone showed no consistent gain (0.8–1.45× across runs). Never while tracing/exporting.
+    """
+    if x.device.type != 'cpu' or _exporting() or not torch.is_grad_enabled():
+        return False
+    if not (x.requires_grad or any(k.requires_grad for k in weights)):
+        return False
+    h, w = x.shape[2:]
+    if h * w > NCHW_MAX_PIXELS:
+        return False
+    return max(max(min(k.shape[2], 2 * h - 1), min(k.shape[3], 2 * w - 1)) for k in weights) <= NCHW_MAX_EDGE
+
+
+def _torch_dwconvs(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                   bias: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """PyTorch path: each kernel's output (``bias`` added to the first), in the layout that is fastest here."""
+    if nchw_wins(x, weights):
+        x = x.contiguous()
+        # clone: SLaK keeps (C, 1, kh, kw) weights channels_last, which would pull the conv back to channels_last
+        return [_torch_dwconv(x, w.clone(memory_format=torch.contiguous_format), bias if k == 0 else None, fft=False)
+                for k, w in enumerate(weights)]
+    x = _channels_last(x)
+    return [_torch_dwconv(x, w, bias if k == 0 else None) for k, w in enumerate(weights)]
+
+
+def _torch_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  fft: bool = True) -> torch.Tensor:
+    """PyTorch path for one kernel, in ``x``'s layout."""
     if not _exporting():  # exported graphs keep dynamic sizes
         weight = clip_to_input(weight, x.shape[2], x.shape[3])
     kh, kw = weight.shape[2:]
-    if (x.device.type == 'cpu' and weight.requires_grad and torch.is_grad_enabled() and not _exporting()
+    if (fft and x.device.type == 'cpu' and weight.requires_grad and torch.is_grad_enabled() and not _exporting()
             and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
             and not torch.is_autocast_enabled('cpu') and fft_weight_grad_wins(kh, kw)):
         return _CPUDepthwiseFFTWeightGrad.apply(x, weight, bias)
@@ -219,11 +257,11 @@ def dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optiona
         from .triton_dwconv import dwconv_branches
         x, (b, *ws) = _autocast(x, [bias, *weights])
         return dwconv_branches(x, ws, b, sum_outputs=True)
-    x = _channels_last(x)
-    out = _torch_dwconv(x, weights[0], bias)
-    for w in weights[1:]:
-        out = out + _torch_dwconv(x, w, None)
-    return out
+    outs = _torch_dwconvs(x, weights, bias)
+    out = outs[0]
+    for y in outs[1:]:
+        out = out + y
+    return _channels_last(out)
 
 
 def dwconv2d_branches(x: torch.Tensor, weights: Sequence[torch.Tensor], impl: str = 'auto') -> List[torch.Tensor]:
@@ -235,5 +273,4 @@ def dwconv2d_branches(x: torch.Tensor, weights: Sequence[torch.Tensor], impl: st
         from .triton_dwconv import dwconv_branches
         x, ws = _autocast(x, weights)
         return list(dwconv_branches(x, ws, None, sum_outputs=False))
-    x = _channels_last(x)
-    return [_torch_dwconv(x, w, None) for w in weights]
+    return [_channels_last(y) for y in _torch_dwconvs(x, weights, None)]
