@@ -189,8 +189,8 @@ def nchw_wins(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
     Only when gradients are needed, every kernel edge is <= 13 after clipping and the map has <= 64 pixels: SLaK's
     last stage at 224 input (7×7 maps, 13×5 bands). Measured on the 2-core Xeon VM (docs/benchmarks.md, "Layout
     choice"): forward + backward of the three-branch unit 1.1–1.7× faster there, conversions included; from 16×16
-    maps on it is even (0.8–1.0×), kernels of 21+ taps are 2–10× faster channels_last, and for inference the forward
-    alone showed no consistent gain (0.8–1.45× across runs). Never while tracing/exporting.
+    maps on there is no difference, kernels of 21+ taps are 2–10× faster channels_last, and for inference the ~1 ms
+    forward showed no difference above the timing noise (identical code: 0.8–1.3×). Never while tracing/exporting.
     """
     if x.device.type != 'cpu' or _exporting() or not torch.is_grad_enabled():
         return False
