@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d  # SLaK's 'channels_first' LayerNorm: over C of NCHW, eps 1e-6
 
 from ..ops import dwconv2d, dwconv2d_branches, dwconv2d_sum, resolve_impl
+from ..ops.fused_mlp import any_hooked
 
 _NORMS = {'BN': nn.BatchNorm2d, 'BN2d': nn.BatchNorm2d, 'SyncBN': nn.SyncBatchNorm}
 
@@ -110,7 +111,8 @@ class LargeKernelConv(nn.Module):
         if self.deploy:
             return self._forward_merged(x)
         branches = self.branches()
-        hooked = self._hooked(branches)  # watched branches must really run (FLOP counter): no folding, no fusing
+        # Watched branches must really run (FLOP counter): no folding, no fusing.
+        hooked = any_hooked(m for b in branches for m in (b, b.conv, b.bn))
         if not hooked and self._can_fold(branches):
             return self._forward_folded(x)
         if not hooked and resolve_impl(self.conv_impl, x) == 'triton':
@@ -124,11 +126,6 @@ class LargeKernelConv(nn.Module):
         for b in branches[1:]:
             out = out + b(x)
         return out
-
-    @staticmethod
-    def _hooked(branches: list) -> bool:
-        """Whether anything watches the branch modules (e.g. the FLOP counter's forward hooks)."""
-        return any(m._forward_hooks or m._forward_pre_hooks for b in branches for m in (b, b.conv, b.bn))
 
     def _can_fold(self, branches: list) -> bool:
         """Eval mode with running BN statistics: the branches can run BN-folded, as the deployed model does."""

@@ -199,7 +199,7 @@ def nchw_wins(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
     h, w = x.shape[2:]
     if h * w > NCHW_MAX_PIXELS:
         return False
-    return max(max(min(k.shape[2], 2 * h - 1), min(k.shape[3], 2 * w - 1)) for k in weights) <= NCHW_MAX_EDGE
+    return max(max(clip_to_input(k, h, w).shape[2:]) for k in weights) <= NCHW_MAX_EDGE
 
 
 def _torch_dwconvs(x: torch.Tensor, weights: Sequence[torch.Tensor],

@@ -12,21 +12,26 @@ exporting / compiling, mkldnn enabled, and nothing hooked on the linear or activ
 hooks must see every layer). Everywhere else the caller uses its ordinary modules.
 """
 import contextlib
-from typing import Iterator, Optional
+import functools
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
-__all__ = ['fused_mlp_available', 'fused_mlp_disabled', 'can_fuse_mlp', 'fused_mlp_residual']
+__all__ = ['any_hooked', 'fused_mlp_available', 'fused_mlp_disabled', 'can_fuse_mlp', 'fused_mlp_residual']
 
 _disabled = False
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fused_linear() -> bool:  # op lookup once, not per block per forward
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 
 
 def fused_mlp_available() -> bool:
     """Whether this PyTorch build has oneDNN's fused linear op, mkldnn is enabled, and no
     :func:`fused_mlp_disabled` block is active."""
-    return (not _disabled and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.mkldnn, '_linear_pointwise'))
+    return not _disabled and torch.backends.mkldnn.enabled and _has_fused_linear()
 
 
 @contextlib.contextmanager
@@ -40,7 +45,9 @@ def fused_mlp_disabled() -> Iterator[None]:
         _disabled = previous
 
 
-def _hooked(modules) -> bool:
+def any_hooked(modules: Iterable[nn.Module]) -> bool:
+    """Whether anything watches these modules (e.g. the MAC counter's forward hooks): fast paths that bypass a
+    module's own forward must then stay off, so the watcher still sees it run."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
@@ -50,7 +57,7 @@ def can_fuse_mlp(x: torch.Tensor, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled('cpu')
             and isinstance(act, nn.GELU) and fc1.weight.dtype == torch.float32 and fc2.weight.dtype == torch.float32
             and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
-            and not torch.compiler.is_compiling() and fused_mlp_available() and not _hooked((fc1, act, fc2)))
+            and not torch.compiler.is_compiling() and fused_mlp_available() and not any_hooked((fc1, act, fc2)))
 
 
 def fused_mlp_residual(x: torch.Tensor, shortcut: torch.Tensor, fc1: nn.Linear, act: nn.GELU, fc2: nn.Linear,
