@@ -117,3 +117,37 @@ def test_benchmark_like_for_like_convnext_baseline_computes_the_same():
         ref, out = plain(x), fused(x)
     assert FUSED_OP in ops
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_benchmark_reference_execution_runs_three_branches_and_computes_the_same():
+    # tools/benchmark.py's slak_t_ref (the reference's way of running SLaK) must compute what our eval path computes,
+    # with one conv per branch, no BN folding and no MLP fusion, or its row is not the reference's execution.
+    import os.path as osp
+    import sys
+    sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
+    import benchmark
+    torch.manual_seed(0)
+    ours = benchmark.build('slak_t', torch.device('cpu')).eval()
+    ref = benchmark.build('slak_t_ref', torch.device('cpu')).eval()
+    for m in ours.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial BN, so folding vs not folding would show
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    ref.model.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ops_ref = _ops(lambda: ref(x))
+        expected, out = ours(x), ref(x)
+        n_blocks = sum(ours.depths)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ref(x)
+        convs = sum(e.count for e in prof.key_averages() if e.key == 'aten::convolution')
+        bns = sum(e.count for e in prof.key_averages() if e.key == 'aten::batch_norm')
+    assert FUSED_OP not in ops_ref
+    assert convs == 3 * n_blocks + 4  # three branches per block, plus the stem and three downsampling convs
+    assert bns == 3 * n_blocks
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    with pytest.raises(ValueError, match='training form'):
+        benchmark.ReferenceExecution(benchmark.build('slak_t_deploy', torch.device('cpu')))

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from slak_mm.ops import dwconv2d
 from slak_mm.ops import dwconv2d_branches
-from slak_mm.ops.dwconv import clip_to_input, fft_weight_grad, fft_weight_grad_wins, nchw_wins
+from slak_mm.ops import dwconv2d_sum
+from slak_mm.ops.dwconv import clip_to_input, fft_weight_grad, fft_weight_grad_wins, nchw_wins, transposed_kernels
 
 
 def _ref(x, w, b=None):
@@ -58,12 +59,15 @@ def test_clipping_removes_only_padding_taps():
     (dict(x_dtype=torch.int32), TypeError, 'floating-point'),
     (dict(impl='cuda-magic'), ValueError, 'impl'),
     (dict(x=(4, 8, 8)), ValueError, '4-D'),
+    (dict(w_device='meta'), ValueError, 'different devices'),  # a second device without needing a GPU
+    (dict(bias=(3,)), ValueError, r'bias must have shape \(4,\)'),
 ])
 def test_bad_input_raises(args, err, match):
     x = torch.zeros(args.get('x', (1, 4, 8, 8)), dtype=args.get('x_dtype', torch.float32))
-    w = torch.zeros(args.get('w', (4, 1, 3, 3)))
+    w = torch.zeros(args.get('w', (4, 1, 3, 3)), device=args.get('w_device', 'cpu'))
+    bias = torch.zeros(args['bias']) if 'bias' in args else None
     with pytest.raises(err, match=match):
-        dwconv2d(x, w, impl=args.get('impl', 'auto'))
+        dwconv2d(x, w, bias, impl=args.get('impl', 'auto'))
 
 
 @pytest.mark.parametrize('shape,k', [((2, 3, 11, 9), (7, 3)), ((1, 4, 6, 20), (5, 31)), ((2, 2, 5, 4), (9, 7)),
@@ -141,3 +145,65 @@ def test_nchw_layout_choice_gives_the_same_unit_and_gradients(monkeypatch):
         assert (o.double() - r).abs().max() <= 1e-5 * r.abs().max()
     for a, e in zip(got, exp):
         assert (a.double() - e).abs().max() <= 1e-5 * e.abs().max()
+
+
+def test_transpose_rule_only_for_inference_sums_with_long_tall_bands():
+    x = torch.randn(1, 4, 24, 45).contiguous(memory_format=torch.channels_last)
+    unit = [torch.randn(4, 1, 19, 5), torch.randn(4, 1, 5, 19), torch.randn(4, 1, 5, 5)]
+    assert transposed_kernels(x, unit) == [True, False, False]
+    assert transposed_kernels(x, [torch.randn(4, 1, 15, 5), unit[1]]) == [False, False]  # 15 < 17 taps
+    assert transposed_kernels(x[:, :, :, :40], unit) == [False] * 3  # 960 < 32×32 pixels: the copies would dominate
+    assert transposed_kernels(x[:, :, :8].repeat(1, 1, 1, 4), unit) == [False] * 3  # 19 rows clip to 15 on 8 rows
+    assert transposed_kernels(x, unit[:1]) == [False]  # nothing left to add a transposed output into
+    trained = [w.clone().requires_grad_() for w in unit]
+    assert transposed_kernels(x, trained) == [False] * 3  # training: the measured gain is inference only
+    with torch.no_grad():
+        assert transposed_kernels(x, trained) == [True, False, False]
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_transposed_tall_band_gives_the_same_sum(monkeypatch, channels_last):
+    """Inference of a unit with a long tall band on a non-square map: the tall band reaches its conv as a wide band
+    over the transposed input, the result is channels_last and matches a float64 F.conv2d sum (1e-5 relative)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 24, 45)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ws = [torch.randn(6, 1, *k) / 8 for k in ((19, 5), (5, 19), (5, 5))]
+    b = torch.randn(6)
+    seen = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(F, 'conv2d', lambda inp, w, *a, **kw: seen.append(
+        (tuple(inp.shape[2:]), tuple(w.shape[2:]))) or conv2d(inp, w, *a, **kw))
+    with torch.no_grad():
+        out = dwconv2d_sum(x, ws, b)
+    monkeypatch.undo()
+    assert seen == [((45, 24), (5, 19)), ((24, 45), (5, 19)), ((24, 45), (5, 5))]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    x64 = x.double()
+    ref = sum(F.conv2d(x64, w.double(), padding=(w.shape[2] // 2, w.shape[3] // 2), groups=6) for w in ws)
+    ref = ref + b.double().reshape(1, -1, 1, 1)
+    assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize('phase', ['forward', 'eval_sum'])
+def test_dwconv_benchmark_compares_equal_computations(phase):
+    # tools/benchmark_dwconv.py times 'ours' against nn.Conv2d calls: they must compute the same unit, or the ratio
+    # means nothing (eval_sum: the BN-folded two-band form with the N×N kernel in the tall band's centre).
+    import os.path as osp
+    import sys
+    sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
+    import benchmark_dwconv
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 40, 36)
+    kernels = [torch.randn(4, 1, *k) for k in ((19, 5), (5, 19), (5, 5))]
+    outs = {name: fn() for name, fn in benchmark_dwconv.make_fns(x, kernels, phase).items()}
+    ref = outs['nchw']
+    if phase == 'eval_sum':
+        x64 = x.double()
+        sep = sum(F.conv2d(x64, k.double(), padding=(k.shape[2] // 2, k.shape[3] // 2), groups=4) for k in kernels)
+        bias = ref.double() - sep  # the benchmark's random bias, the same for every pixel of a channel
+        assert (bias - bias[:, :, :1, :1]).abs().max() <= 1e-4 * sep.abs().max()
+    for name in ('ours', 'cl'):
+        for a, b in zip(outs[name] if phase == 'forward' else [outs[name]], ref if phase == 'forward' else [ref]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

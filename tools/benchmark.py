@@ -7,10 +7,11 @@ MODEL: slak_t | slak_s | slak_b (training form, conv_impl='auto': the fused Trit
 (conv_impl='torch': PyTorch's convolutions), slak_t_deploy (merged kernels), convnext_tiny (timm),
 convnext_tiny_fused (timm's ConvNeXt-T with the CPU inference MLP fusion and channels_last weights SLaK's blocks use:
 a like-for-like baseline), or a config path (its backbone); any name + '_unfused' runs that model with the MLP fusion
-off. Default: slak_t slak_t_deploy convnext_tiny, plus convnext_tiny_fused on CPU and slak_t_torch on CUDA. Inputs
-are plain NCHW tensors, as a user passes them. Reports inference images/s and time per batch (gradients off),
-optionally the training-step time (forward + backward + SGD step), and peak memory on CUDA; ratios are against the
-last model listed, measured round-robin in the same run.
+off; slak_t_ref (slak_s_ref, slak_b_ref) runs SLaK the reference's way (three nn.Conv2d + BN branches, no folding or
+fusion, whole model channels_last). Default: slak_t slak_t_deploy convnext_tiny, plus convnext_tiny_fused on CPU and
+slak_t_torch on CUDA. Inputs are plain NCHW tensors, as a user passes them. Reports inference images/s and time
+per batch (gradients off), optionally the training-step time (forward + backward + SGD step), and peak memory on
+CUDA; ratios are against the last model listed, measured round-robin in the same run.
 """
 import argparse
 import contextlib
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 
 from slak_mm.benchmark_utils import device_name, time_interleaved  # noqa: E402
 from slak_mm.models import SLaK  # noqa: E402
+from slak_mm.models.layers import LargeKernelConv  # noqa: E402
 from slak_mm.ops.fused_mlp import can_fuse_mlp, fused_mlp_disabled, fused_mlp_residual  # noqa: E402
 
 ARCHS = {'slak_t': 'tiny', 'slak_s': 'small', 'slak_b': 'base'}
@@ -43,7 +45,33 @@ class Unfused(torch.nn.Module):
             return self.model(x)
 
 
+class ReferenceExecution(torch.nn.Module):
+    """Runs a SLaK backbone the way the reference code does on CPU: every large-kernel module as three separate
+    ``nn.Conv2d`` + BatchNorm branches (no BN folding), the MLP unfused, and the whole model channels_last (input
+    converted inside the timed call). The issue's "reference, whole model channels_last" configuration, in the same
+    run as ours."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        for m in model.modules():
+            if isinstance(m, LargeKernelConv):
+                if m.deploy:
+                    raise ValueError('the _ref suffix needs the training form (three branches), not a deployed model')
+                m.forward = types.MethodType(_branch_sum, m)
+
+    def forward(self, x):
+        with fused_mlp_disabled():
+            return self.model(x.contiguous(memory_format=torch.channels_last))
+
+
+def _branch_sum(self, x):
+    return sum(b(x) for b in self.branches())
+
+
 def build(name: str, device: torch.device) -> torch.nn.Module:
+    if name.endswith('_ref'):
+        return ReferenceExecution(build(name[:-len('_ref')] + '_torch', device))
     if name.endswith('_unfused'):
         return Unfused(build(name[:-len('_unfused')], device))
     if name.endswith('_deploy'):

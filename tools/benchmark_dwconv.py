@@ -5,13 +5,16 @@
 
 For each stage shape (input size -> stage map, channels, long edge M, short edge N=5), times SLaK's depthwise unit
 (the M×N, N×M and N×N branches of one input) for forward, input-gradient, weight-gradient and forward+backward
-(both gradients) separately:
+(both gradients) separately, and ``eval_sum``: the unit as eval mode and the deployed model run it, BN folded into
+two bands (M×N with the N×N kernel in its centre, N×M) plus a bias, summed, gradients off:
   ours       slak_mm.ops.dwconv2d_branches, impl='auto', NCHW input (what a user passes; layout handled inside):
-             the fused Triton unit on CUDA; on CPU oneDNN channels_last plus the FFT weight gradient
-  nchw       three F.conv2d (nn.Conv2d) calls on NCHW
-  cl         three F.conv2d calls on a channels_last input
-and reports GF/s (dense MACs, 3× for forward+backward) and the fraction of this machine's fp32 GEMM rate measured in
-the same run. Prints a markdown table and writes JSON with the device name.
+             the fused Triton unit on CUDA; on CPU oneDNN channels_last plus the FFT weight gradient.
+             eval_sum: dwconv2d_sum on a channels_last input (as inside the backbone); on CPU the tall band runs
+             as a wide one over the transposed map
+  nchw       three F.conv2d (nn.Conv2d) calls on NCHW (eval_sum: two, added)
+  cl         the same calls on a channels_last input
+and reports GF/s (dense MACs, 3× for forward+backward, 2·M·N per output for eval_sum) and the fraction of this
+machine's fp32 GEMM rate measured in the same run. Prints a markdown table and writes JSON with the device name.
 """
 import argparse
 import json
@@ -24,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from slak_mm.benchmark_utils import SLAK_T_STAGES, device_name, gemm_gflops, time_interleaved  # noqa: E402
-from slak_mm.ops import dwconv2d_branches  # noqa: E402
+from slak_mm.ops import dwconv2d_branches, dwconv2d_sum  # noqa: E402
 
 SHORT = 5
 
@@ -34,10 +37,35 @@ def parse_size(s: str):
     return int(h), int(w or h)
 
 
+PHASES = ('forward', 'input_grad', 'weight_grad', 'fwd_bwd', 'eval_sum')
+
+
+def folded_bands(kernels):
+    """(M×N with the N×N kernel added into its centre, N×M): the two bands of the BN-folded / deployed unit."""
+    tall, wide, small = kernels
+    ph, pw = (tall.shape[2] - small.shape[2]) // 2, (tall.shape[3] - small.shape[3]) // 2
+    return [tall + F.pad(small, (pw, pw, ph, ph)), wide]
+
+
 def make_fns(x: torch.Tensor, kernels, phase: str):
     """One callable per implementation computing the whole unit (all ``kernels`` on ``x``) for ``phase``."""
     c = x.shape[1]
     x_cl = x.contiguous(memory_format=torch.channels_last)
+    if phase == 'eval_sum':
+        bands, bias = folded_bands(kernels), torch.randn(c, device=x.device, dtype=x.dtype)
+
+        def added(a):
+            return sum(F.conv2d(a, k, bias if i == 0 else None, padding=(k.shape[2] // 2, k.shape[3] // 2),
+                                groups=c) for i, k in enumerate(bands))
+
+        def no_grad(f):
+            def run():
+                with torch.no_grad():
+                    return f()
+            return run
+        # channels_last input for ours too: inside the backbone the activations already are
+        return {'ours': no_grad(lambda: dwconv2d_sum(x_cl, bands, bias)), 'nchw': no_grad(lambda: added(x)),
+                'cl': no_grad(lambda: added(x_cl))}
 
     def separate(a, ks):
         return [F.conv2d(a, k, padding=(k.shape[2] // 2, k.shape[3] // 2), groups=c) for k in ks]
@@ -64,8 +92,7 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=None, help='default: 8 at 224, 1 otherwise (CPU); 32/8/2 GPU')
     parser.add_argument('--dtypes', nargs='+', default=None, help='default: float32 on CPU; float32 bfloat16 '
                                                                   'float16 on GPU')
-    parser.add_argument('--phases', nargs='+', default=['forward', 'input_grad', 'weight_grad', 'fwd_bwd'],
-                        choices=['forward', 'input_grad', 'weight_grad', 'fwd_bwd'])
+    parser.add_argument('--phases', nargs='+', default=list(PHASES), choices=PHASES)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--quick', action='store_true', help='224 only, batch 2, 3 repeats')
     parser.add_argument('--json', default='work_dirs/benchmarks/dwconv.json')
@@ -93,9 +120,11 @@ def main() -> None:
                 kernels = [torch.randn(c, 1, *k, device=device, dtype=dtype) * 0.05
                            for k in ((m, SHORT), (SHORT, m), (SHORT, SHORT))]
                 macs = batch * c * h * w * sum(k.shape[2] * k.shape[3] for k in kernels)
+                macs_eval = batch * c * h * w * 2 * m * SHORT
                 for phase in args.phases:
                     total = time_interleaved(make_fns(x, kernels, phase), device, args.repeats)
-                    gfs = 2 * macs * (3 if phase == 'fwd_bwd' else 1) / total['ours'] / 1e9
+                    work = macs_eval if phase == 'eval_sum' else macs * (3 if phase == 'fwd_bwd' else 1)
+                    gfs = 2 * work / total['ours'] / 1e9
                     row = dict(input=size, stage=si, shape=[batch, c, h, w], dtype=dt, phase=phase,
                                ms={k: v * 1e3 for k, v in total.items()}, gflops_ours=gfs,
                                frac_gemm=gfs / gemm if dt == 'float32' else None)

@@ -202,16 +202,62 @@ def nchw_wins(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
     return max(max(clip_to_input(k, h, w).shape[2:]) for k in weights) <= NCHW_MAX_EDGE
 
 
-def _torch_dwconvs(x: torch.Tensor, weights: Sequence[torch.Tensor],
-                   bias: Optional[torch.Tensor]) -> List[torch.Tensor]:
-    """PyTorch path: each kernel's output (``bias`` added to the first), in the layout that is fastest here."""
+#: On CPU, inference of a sum of kernels on a map of >= TRANSPOSE_MIN_PIXELS pixels runs each tall band whose clipped
+#: height is >= TRANSPOSE_MIN_EDGE as a wide band over the spatially transposed input (see :func:`transposed_kernels`).
+TRANSPOSE_MIN_EDGE = 17
+TRANSPOSE_MIN_PIXELS = 32 * 32
+
+
+def transposed_kernels(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> List[bool]:
+    """Which kernels of a CPU inference sum (:func:`dwconv2d_sum`) to run on the spatially transposed input.
+
+    oneDNN's channels_last depthwise kernel reuses inputs along a kernel row but not down a column: on the 2-core Xeon
+    VM a 51×5 band on a 128×128 map runs at a flat ~30–36 GF/s while its 5×51 transpose reaches ~63 GF/s
+    (docs/benchmarks.md, "Tall bands as wide ones"). So a tall band (kh > kw, clipped kh >= 17) is computed as the
+    wide band ``conv(x^T, w^T)^T``: one copy of the input with H and W swapped, shared by the unit, and the result
+    added back as a transposed view into an output that is already in the result's layout -- hence only when at
+    least one kernel stays untransposed. Measured on SLaK-T's folded units: 1.1–1.2× faster on 56–128 px maps,
+    1.0–1.06× at 32×32, 0.94–1.01× at 28×28 and 0.85× at 14×14 (the copies dominate), hence maps of >= 32×32
+    pixels.
+    Only when no gradient is needed (the measured case) and never while tracing/exporting.
+    Same results up to float rounding (the same products, summed in oneDNN's order for the other orientation).
+    """
+    off = [False] * len(weights)
+    if x.device.type != 'cpu' or _exporting():
+        return off
+    if torch.is_grad_enabled() and (x.requires_grad or any(k.requires_grad for k in weights)):
+        return off
+    h, w = x.shape[2:]
+    if h * w < TRANSPOSE_MIN_PIXELS:
+        return off
+    flags = []
+    for k in weights:
+        kh, kw = clip_to_input(k, h, w).shape[2:]
+        flags.append(kh > kw and kh >= TRANSPOSE_MIN_EDGE)
+    return off if all(flags) else flags
+
+
+def _torch_dwconvs(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
+                   allow_transpose: bool = False) -> List[torch.Tensor]:
+    """PyTorch path: each kernel's output (``bias`` added to the first), in the layout that is fastest here. With
+    ``allow_transpose`` (summed outputs), tall bands may come back as transposed views (:func:`transposed_kernels`)."""
     if nchw_wins(x, weights):
         x = x.contiguous()
         # clone: SLaK keeps (C, 1, kh, kw) weights channels_last, which would pull the conv back to channels_last
         return [_torch_dwconv(x, w.clone(memory_format=torch.contiguous_format), bias if k == 0 else None, fft=False)
                 for k, w in enumerate(weights)]
     x = _channels_last(x)
-    return [_torch_dwconv(x, w, bias if k == 0 else None) for k, w in enumerate(weights)]
+    flags = transposed_kernels(x, weights) if allow_transpose else [False] * len(weights)
+    xt = _channels_last(x.transpose(2, 3)) if any(flags) else None
+    outs = []
+    for k, (w, flag) in enumerate(zip(weights, flags)):
+        b = bias if k == 0 else None
+        if flag:
+            outs.append(_torch_dwconv(xt, w.transpose(2, 3).contiguous(memory_format=torch.channels_last), b)
+                        .transpose(2, 3))
+        else:
+            outs.append(_torch_dwconv(x, w, b))
+    return outs
 
 
 def _torch_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -257,7 +303,10 @@ def dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optiona
         from .triton_dwconv import dwconv_branches
         x, (b, *ws) = _autocast(x, [bias, *weights])
         return dwconv_branches(x, ws, b, sum_outputs=True)
-    outs = _torch_dwconvs(x, weights, bias)
+    outs = _torch_dwconvs(x, weights, bias, allow_transpose=True)
+    # Start from an output in the result's layout (a transposed band comes back as a transposed view): the sum then
+    # keeps that layout and the final conversion is a no-op.
+    outs.sort(key=lambda y: not y.is_contiguous(memory_format=torch.channels_last))
     out = outs[0]
     for y in outs[1:]:
         out = out + y
