@@ -3,7 +3,7 @@ import platform
 import random
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -27,9 +27,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
-                     warmup: int = 1) -> Dict[str, float]:
-    """Median seconds per call of each function, measured round-robin so machine noise hits all alike.
+def time_interleaved_samples(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
+                             warmup: int = 1) -> Dict[str, List[float]]:
+    """Seconds per call of each function, one sample per repeat, measured round-robin so machine noise hits all alike.
 
     Each repeat runs the functions in a fresh (seeded) random order: whichever call follows a heavy one pays for the
     caches it evicted (up to ~25% on millisecond-scale ops here), and a fixed or rotated order would keep charging
@@ -50,7 +50,26 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
+                     warmup: int = 1) -> Dict[str, float]:
+    """Median seconds per call of each function (:func:`time_interleaved_samples`)."""
+    return {k: statistics.median(v) for k, v in time_interleaved_samples(fns, device, repeats, warmup).items()}
+
+
+def paired_ratio(samples: Dict[str, List[float]], name: str, base: str) -> Tuple[float, float, float]:
+    """(median, 25th percentile, 75th percentile) of the per-repeat time ratios ``name / base``.
+
+    Every repeat of :func:`time_interleaved_samples` times each function once, back to back, so a slow spell of a
+    shared machine lands on both sides of that repeat's ratio; the quartiles show how much the ratio itself moved.
+    """
+    ratios = [a / b for a, b in zip(samples[name], samples[base])]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method='inclusive')
+    return statistics.median(ratios), q1, q3
 
 
 def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:

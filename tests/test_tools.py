@@ -87,3 +87,21 @@ def test_gpu_kernel_check_script_self_test(tmp_path):
     rows = json.load(open(out))['rows']
     assert len(rows) == 2 * 2 * 2 and all(r['ok'] for r in rows)
     assert all(0 < r['weight_grad'] <= 1e-4 for r in rows if r['dtype'] == 'float32')
+
+
+def test_interleaved_timing_shuffles_the_order_and_pairs_the_ratios():
+    # The benchmark statistics, without timing anything: every function runs warmup + repeats times, the order changes
+    # between repeats (a fixed order charges cache eviction to the same function), and the ratio is taken per repeat.
+    from slak_mm.benchmark_utils import paired_ratio, time_interleaved_samples
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in 'abcd'}
+    samples = time_interleaved_samples(fns, torch.device('cpu'), repeats=6, warmup=2)
+    assert all(len(v) == 6 and min(v) >= 0 for v in samples.values())
+    assert sorted(calls[:8]) == sorted('abcd' * 2)  # warm-up, in order
+    rounds = [tuple(calls[8 + 4 * i: 12 + 4 * i]) for i in range(6)]
+    assert all(sorted(r) == list('abcd') for r in rounds) and len(set(rounds)) > 1
+    # a machine that slows down 10x in the second half: per-repeat ratios stay put, and so does their median
+    slow = {'m': [2.0, 2.0, 2.2, 20.0, 22.0, 22.0], 'base': [1.0, 1.0, 1.0, 10.0, 10.0, 10.0]}
+    median, q1, q3 = paired_ratio(slow, 'm', 'base')
+    assert median == pytest.approx(2.1) and q1 == pytest.approx(2.0) and q3 == pytest.approx(2.2)
+    assert paired_ratio({'m': [3.0], 'base': [1.5]}, 'm', 'base') == (2.0, 2.0, 2.0)

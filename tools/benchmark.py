@@ -11,13 +11,15 @@ off; slak_t_ref (slak_s_ref, slak_b_ref) runs SLaK the reference's way (three nn
 fusion, whole model channels_last). Default: slak_t slak_t_deploy convnext_tiny, plus convnext_tiny_fused on CPU and
 slak_t_torch on CUDA. Inputs are plain NCHW tensors, as a user passes them. Reports inference images/s and time
 per batch (gradients off), optionally the training-step time (forward + backward + SGD step), and peak memory on
-CUDA; ratios are against the last model listed, measured round-robin in the same run.
+CUDA; ratios are against the last model listed, measured round-robin in the same run. The inference ratio is the median
+of the per-repeat ratios (each repeat times every model back to back), with their 25th–75th percentiles in brackets.
 """
 import argparse
 import contextlib
 import json
 import os
 import os.path as osp
+import statistics
 import sys
 import types
 
@@ -25,7 +27,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from slak_mm.benchmark_utils import device_name, time_interleaved  # noqa: E402
+from slak_mm.benchmark_utils import (device_name, paired_ratio, time_interleaved,  # noqa: E402
+                                     time_interleaved_samples)
 from slak_mm.models import SLaK  # noqa: E402
 from slak_mm.models.layers import LargeKernelConv  # noqa: E402
 from slak_mm.ops.fused_mlp import can_fuse_mlp, fused_mlp_disabled, fused_mlp_residual  # noqa: E402
@@ -162,7 +165,9 @@ def main() -> None:
 
         for m in models.values():
             m.eval()
-        t_inf = time_interleaved({n: infer(m) for n, m in models.items()}, device, args.repeats)
+        s_inf = time_interleaved_samples({n: infer(m) for n, m in models.items()}, device, args.repeats)
+        t_inf = {n: statistics.median(v) for n, v in s_inf.items()}
+        r_inf = {n: paired_ratio(s_inf, n, base) for n in models}
         t_train, train_mem = {}, {}
         if args.train:
             opts = {n: torch.optim.SGD(m.parameters(), lr=1e-6) for n, m in models.items() if not n.endswith('deploy')}
@@ -198,12 +203,12 @@ def main() -> None:
                     mem += f', {train_mem[n]:.2f} GiB (train)'
             tr = t_train.get(n)
             tr_ratio = f'{tr / t_train[base]:.2f}×' if tr and base in t_train else '–'
-            print(f'| {n} | {t_inf[n] * 1e3:.1f} | {batch / t_inf[n]:.1f} | {t_inf[n] / t_inf[base]:.2f}× | '
-                  f'{tr * 1e3:.1f} | {tr_ratio} | {mem} |' if tr else
-                  f'| {n} | {t_inf[n] * 1e3:.1f} | {batch / t_inf[n]:.1f} | {t_inf[n] / t_inf[base]:.2f}× | – | – | '
-                  f'{mem} |')
+            ratio, q1, q3 = r_inf[n]
+            train_cols = f'{tr * 1e3:.1f} | {tr_ratio}' if tr else '– | –'
+            print(f'| {n} | {t_inf[n] * 1e3:.1f} | {batch / t_inf[n]:.1f} | {ratio:.2f}× ({q1:.2f}–{q3:.2f}) | '
+                  f'{train_cols} | {mem} |')
             results.append(dict(model=n, size=size, batch=batch, infer_ms=t_inf[n] * 1e3,
-                                train_ms=tr * 1e3 if tr else None, ratio_vs_base=t_inf[n] / t_inf[base],
+                                train_ms=tr * 1e3 if tr else None, ratio_vs_base=ratio, ratio_quartiles=[q1, q3],
                                 train_ratio_vs_base=tr / t_train[base] if tr and base in t_train else None,
                                 peak_train_gib=train_mem.get(n)))
     os.makedirs(osp.dirname(args.json) or '.', exist_ok=True)
