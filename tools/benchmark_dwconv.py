@@ -14,11 +14,13 @@ two bands (M×N with the N×N kernel in its centre, N×M) plus a bias, summed, g
   nchw       three F.conv2d (nn.Conv2d) calls on NCHW (eval_sum: two, added)
   cl         the same calls on a channels_last input
 and reports GF/s (dense MACs, 3× for forward+backward, 2·M·N per output for eval_sum) and the fraction of this
-machine's fp32 GEMM rate measured in the same run. Prints a markdown table and writes JSON with the device name.
+machine's fp32 GEMM rate measured in the same run; the nchw/ours and cl/ours speed-ups are medians of per-repeat
+ratios (each repeat times all three back to back). Prints a markdown table and writes JSON with the device name.
 """
 import argparse
 import json
 import os.path as osp
+import statistics
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -26,7 +28,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from slak_mm.benchmark_utils import SLAK_T_STAGES, device_name, gemm_gflops, time_interleaved  # noqa: E402
+from slak_mm.benchmark_utils import (SLAK_T_STAGES, device_name, gemm_gflops, paired_ratio,  # noqa: E402
+                                     time_interleaved_samples)
 from slak_mm.ops import dwconv2d_branches, dwconv2d_sum  # noqa: E402
 
 SHORT = 5
@@ -122,17 +125,19 @@ def main() -> None:
                 macs = batch * c * h * w * sum(k.shape[2] * k.shape[3] for k in kernels)
                 macs_eval = batch * c * h * w * 2 * m * SHORT
                 for phase in args.phases:
-                    total = time_interleaved(make_fns(x, kernels, phase), device, args.repeats)
+                    samples = time_interleaved_samples(make_fns(x, kernels, phase), device, args.repeats)
+                    total = {k: statistics.median(v) for k, v in samples.items()}
+                    vs_ours = {k: paired_ratio(samples, k, 'ours')[0] for k in ('nchw', 'cl')}
                     work = macs_eval if phase == 'eval_sum' else macs * (3 if phase == 'fwd_bwd' else 1)
                     gfs = 2 * work / total['ours'] / 1e9
                     row = dict(input=size, stage=si, shape=[batch, c, h, w], dtype=dt, phase=phase,
-                               ms={k: v * 1e3 for k, v in total.items()}, gflops_ours=gfs,
+                               ms={k: v * 1e3 for k, v in total.items()}, speedup_vs=vs_ours, gflops_ours=gfs,
                                frac_gemm=gfs / gemm if dt == 'float32' else None)
                     rows.append(row)
                     frac = f'{100 * gfs / gemm:.0f}%' if dt == 'float32' else '–'
                     print(f'| {size} | {si} | {batch}×{c}×{h}×{w} | {dt} | {phase} | {total["ours"] * 1e3:.2f} | '
                           f'{total["nchw"] * 1e3:.2f} | {total["cl"] * 1e3:.2f} | '
-                          f'{total["nchw"] / total["ours"]:.2f} | {total["cl"] / total["ours"]:.2f} | {gfs:.1f} | '
+                          f'{vs_ours["nchw"]:.2f} | {vs_ours["cl"]:.2f} | {gfs:.1f} | '
                           f'{frac} |', flush=True)
     import os
     os.makedirs(osp.dirname(args.json) or '.', exist_ok=True)
