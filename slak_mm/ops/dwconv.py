@@ -5,7 +5,8 @@ Semantics are exactly ``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), gr
 
 ``'torch'``  PyTorch's convolutions, in the fastest layout for the device: on CPU, oneDNN's channels_last depthwise
              kernels run SLaK's long bands an order of magnitude faster than the NCHW path (docs/benchmarks.md), so
-             NCHW inputs are converted; results do not depend on the layout. On CPU the weight gradient of a large
+             NCHW inputs are converted; results do not depend on the layout (in inference, long tall bands run as
+             wide bands over the transposed map, see :func:`transposed_kernels`). On CPU the weight gradient of a large
              kernel is computed by FFT cross-correlation when the cost model below predicts it is cheaper (oneDNN's
              depthwise weight-gradient runs at a few % of the GEMM rate); the forward and input gradient stay direct.
 ``'triton'`` the Triton kernels of :mod:`slak_mm.ops.triton_dwconv` (CUDA tensors; CPU tensors only under Triton's
@@ -218,9 +219,8 @@ def transposed_kernels(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> List
     added back as a transposed view into an output that is already in the result's layout -- hence only when at
     least one kernel stays untransposed. Measured on SLaK-T's folded units: 1.1–1.2× faster on 56–128 px maps,
     1.0–1.06× at 32×32, 0.94–1.01× at 28×28 and 0.85× at 14×14 (the copies dominate), hence maps of >= 32×32
-    pixels.
-    Only when no gradient is needed (the measured case) and never while tracing/exporting.
-    Same results up to float rounding (the same products, summed in oneDNN's order for the other orientation).
+    pixels. Only when no gradient is needed (the measured case) and never while tracing/exporting. Same results up
+    to float rounding (the same products, summed in oneDNN's order for the other orientation).
     """
     off = [False] * len(weights)
     if x.device.type != 'cpu' or _exporting():
