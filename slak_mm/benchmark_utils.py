@@ -56,7 +56,11 @@ def time_interleaved_samples(fns: Dict[str, Callable[[], object]], device: torch
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
                      warmup: int = 1) -> Dict[str, float]:
     """Median seconds per call of each function (:func:`time_interleaved_samples`)."""
-    return {k: statistics.median(v) for k, v in time_interleaved_samples(fns, device, repeats, warmup).items()}
+    return medians(time_interleaved_samples(fns, device, repeats, warmup))
+
+
+def medians(samples: Dict[str, List[float]]) -> Dict[str, float]:
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def paired_ratio(samples: Dict[str, List[float]], name: str, base: str) -> Tuple[float, float, float]:

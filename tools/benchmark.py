@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import os.path as osp
-import statistics
 import sys
 import types
 
@@ -27,7 +26,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from slak_mm.benchmark_utils import (device_name, paired_ratio, time_interleaved,  # noqa: E402
+from slak_mm.benchmark_utils import (device_name, medians, paired_ratio, time_interleaved,  # noqa: E402
                                      time_interleaved_samples)
 from slak_mm.models import SLaK  # noqa: E402
 from slak_mm.models.layers import LargeKernelConv  # noqa: E402
@@ -166,7 +165,7 @@ def main() -> None:
         for m in models.values():
             m.eval()
         s_inf = time_interleaved_samples({n: infer(m) for n, m in models.items()}, device, args.repeats)
-        t_inf = {n: statistics.median(v) for n, v in s_inf.items()}
+        t_inf = medians(s_inf)
         r_inf = {n: paired_ratio(s_inf, n, base) for n in models}
         t_train, train_mem = {}, {}
         if args.train:

@@ -20,7 +20,6 @@ ratios (each repeat times all three back to back). Prints a markdown table and w
 import argparse
 import json
 import os.path as osp
-import statistics
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -28,8 +27,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from slak_mm.benchmark_utils import (SLAK_T_STAGES, device_name, gemm_gflops, paired_ratio,  # noqa: E402
-                                     time_interleaved_samples)
+from slak_mm.benchmark_utils import (SLAK_T_STAGES, device_name, gemm_gflops, medians,  # noqa: E402
+                                     paired_ratio, time_interleaved_samples)
+from slak_mm.models.layers import pad_kernel  # noqa: E402
 from slak_mm.ops import dwconv2d_branches, dwconv2d_sum  # noqa: E402
 
 SHORT = 5
@@ -46,8 +46,7 @@ PHASES = ('forward', 'input_grad', 'weight_grad', 'fwd_bwd', 'eval_sum')
 def folded_bands(kernels):
     """(M×N with the N×N kernel added into its centre, N×M): the two bands of the BN-folded / deployed unit."""
     tall, wide, small = kernels
-    ph, pw = (tall.shape[2] - small.shape[2]) // 2, (tall.shape[3] - small.shape[3]) // 2
-    return [tall + F.pad(small, (pw, pw, ph, ph)), wide]
+    return [tall + pad_kernel(small, *tall.shape[2:]), wide]
 
 
 def make_fns(x: torch.Tensor, kernels, phase: str):
@@ -126,7 +125,7 @@ def main() -> None:
                 macs_eval = batch * c * h * w * 2 * m * SHORT
                 for phase in args.phases:
                     samples = time_interleaved_samples(make_fns(x, kernels, phase), device, args.repeats)
-                    total = {k: statistics.median(v) for k, v in samples.items()}
+                    total = medians(samples)
                     vs_ours = {k: paired_ratio(samples, k, 'ours')[0] for k in ('nchw', 'cl')}
                     work = macs_eval if phase == 'eval_sum' else macs * (3 if phase == 'fwd_bwd' else 1)
                     gfs = 2 * work / total['ours'] / 1e9

@@ -14,7 +14,8 @@ import zipfile
 from typing import Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
+
+from .layers import pad_kernel
 
 log = logging.getLogger('slak_mm')
 
@@ -122,11 +123,6 @@ def describe_state_dict(sd: Dict[str, torch.Tensor]) -> Dict:
                 has_bn=any('.large_kernel.' in k and '.bn.' in k for k in sd))
 
 
-def _pad_kernel(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    dh, dw = shape[2] - t.shape[2], shape[3] - t.shape[3]
-    return F.pad(t, (dw // 2, dw // 2, dh // 2, dh // 2))
-
-
 def match_state_dict(model: torch.nn.Module, sd: Dict[str, torch.Tensor], pad_kernels: bool = False,
                      source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
     """Check a mapped state dict against ``model`` and raise :class:`CheckpointError` naming the config fix.
@@ -165,7 +161,7 @@ def match_state_dict(model: torch.nn.Module, sd: Dict[str, torch.Tensor], pad_ke
         smaller = (sd[k].dim() == 4 and own[k].dim() == 4 and sd[k].shape[:2] == own[k].shape[:2]
                    and all(a <= b and (b - a) % 2 == 0 for a, b in zip(sd[k].shape[2:], own[k].shape[2:])))
         if '.large_kernel.' in k and smaller and pad_kernels:
-            out[k] = _pad_kernel(sd[k], own[k].shape)
+            out[k] = pad_kernel(sd[k], *own[k].shape[2:])
         elif '.large_kernel.' in k:
             hint = ' (or pad_kernels=True to zero-pad the smaller kernels into the larger ones)' if smaller else ''
             raise CheckpointError(f'{kernel_msg}{hint}. First mismatch: {k} {tuple(sd[k].shape)} vs '

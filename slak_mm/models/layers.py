@@ -55,6 +55,12 @@ class ConvBN(nn.Sequential):
         self.bn = build_branch_norm(norm_cfg, channels)
 
 
+def pad_kernel(kernel: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Zero-pad a (C, 1, h, w) kernel symmetrically to (kh, kw): the same 'same'-padded conv, on a larger footprint."""
+    dh, dw = kh - kernel.shape[2], kw - kernel.shape[3]
+    return F.pad(kernel, (dw // 2, dw // 2, dh // 2, dh // 2))
+
+
 def fuse_bn(kernel: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fold an eval-mode BN into the preceding bias-free conv: returns (kernel * g / s, beta - mu * g / s)."""
     std = (bn.running_var + bn.eps).sqrt()
@@ -145,8 +151,7 @@ class LargeKernelConv(nn.Module):
         lead = self.tall if self.layout == 'decomposed' else self.dense
         first, bias = fuse_bn(lead.conv.weight, lead.bn)
         if small is not None:
-            ph, pw = (first.shape[2] - small[0].shape[2]) // 2, (first.shape[3] - small[0].shape[3]) // 2
-            first, bias = first + F.pad(small[0], (pw, pw, ph, ph)), bias + small[1]
+            first, bias = first + pad_kernel(small[0], *first.shape[2:]), bias + small[1]
         kernels = [first]
         if self.layout == 'decomposed':
             wide, wide_bias = fuse_bn(self.wide.conv.weight, self.wide.bn)
@@ -187,7 +192,7 @@ class LargeKernelConv(nn.Module):
             return self.merged.weight.detach(), self.merged.bias.detach()
         kernels, bias = self._folded_kernels()
         m = self.long_edge
-        kernel = sum(F.pad(k, ((m - k.shape[3]) // 2,) * 2 + ((m - k.shape[2]) // 2,) * 2) for k in kernels)
+        kernel = sum(pad_kernel(k, m, m) for k in kernels)
         return kernel, bias
 
     @torch.no_grad()
