@@ -8,7 +8,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from slak_mm.analysis import count_macs
 from slak_mm.models import SLaK
-from slak_mm.ops.fused_mlp import can_fuse_mlp, fused_mlp_available, fused_mlp_disabled, fused_mlp_residual
+from slak_mm.ops.cpu_fusion import cpu_fusion_enabled, cpu_fusions_disabled
+from slak_mm.ops.fused_mlp import can_fuse_mlp, fused_mlp_residual
 
 ARCH = dict(depths=[1, 1, 2, 1], dims=[8, 16, 24, 32])
 FUSED_OP = 'mkldnn::_linear_pointwise'
@@ -22,7 +23,8 @@ def _ops(fn) -> set:
 
 def test_available_on_this_build():
     # CI runs the x86 Linux wheel, which ships oneDNN; if this fails the fast path silently never runs.
-    assert fused_mlp_available()
+    assert cpu_fusion_enabled('mlp', '_linear_pointwise')
+    assert cpu_fusion_enabled('conv_add', '_convolution_pointwise')
 
 
 @pytest.mark.parametrize('with_bias', [True, False])
@@ -93,7 +95,7 @@ def test_disabled_block_runs_plain_modules_and_restores():
     model = SLaK(ARCH, kernel_size=[13, 11, 9, 7, 3], width_factor=1.0).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        with fused_mlp_disabled():
+        with cpu_fusions_disabled('mlp'):
             assert FUSED_OP not in _ops(lambda: model(x))
         assert FUSED_OP in _ops(lambda: model(x))
 
@@ -117,6 +119,25 @@ def test_benchmark_like_for_like_convnext_baseline_computes_the_same():
         ref, out = plain(x), fused(x)
     assert FUSED_OP in ops
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_benchmark_unfused_names_switch_off_the_named_fusions():
+    # tools/benchmark.py: NAME_unfused times NAME with every CPU fusion off, NAME_unfused_conv_add with only that one.
+    import os.path as osp
+    import sys
+    sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
+    import benchmark
+    from slak_mm.ops.cpu_fusion import FUSIONS
+    seen = []
+    for name, expect in (('slak_t_unfused', [False, False]), ('slak_t_unfused_conv_add', [True, False]),
+                         ('slak_t_unfused_mlp', [False, True])):
+        model = benchmark.build(name, torch.device('cpu'))
+        model.model.forward = lambda x: seen.append([cpu_fusion_enabled(n, '_convolution_pointwise') for n in FUSIONS])
+        model(torch.randn(1, 3, 32, 32))
+        assert seen.pop() == expect, name
+    assert [cpu_fusion_enabled(n, '_convolution_pointwise') for n in FUSIONS] == [True, True]
+    with pytest.raises(ValueError, match='slak_t_unfused_conv_add'):
+        benchmark.build('slak_t_unfused_conv_sum', torch.device('cpu'))
 
 
 def test_benchmark_reference_execution_runs_three_branches_and_computes_the_same():

@@ -1,4 +1,7 @@
 """slak_mm.ops.dwconv2d against F.conv2d: forward and gradients, rectangular kernels, small maps, layouts, dtypes."""
+import contextlib
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +9,9 @@ import torch.nn.functional as F
 from slak_mm.ops import dwconv2d
 from slak_mm.ops import dwconv2d_branches
 from slak_mm.ops import dwconv2d_sum
-from slak_mm.ops.dwconv import clip_to_input, fft_weight_grad, fft_weight_grad_wins, nchw_wins, transposed_kernels
+from slak_mm.ops.cpu_fusion import cpu_fusions_disabled
+from slak_mm.ops.dwconv import (clip_to_input, fft_weight_grad, fft_weight_grad_wins, fused_sum_applies, nchw_wins,
+                                transposed_kernels)
 
 
 def _ref(x, w, b=None):
@@ -161,29 +166,113 @@ def test_transpose_rule_only_for_inference_sums_with_long_tall_bands():
         assert transposed_kernels(x, trained) == [True, False, False]
 
 
+def _conv_calls(fn):
+    """Run ``fn`` under the profiler: its result, and (op, input H×W, kernel kh×kw) of every depthwise convolution
+    oneDNN ran, plus the names of all ops."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = fn()
+    convs = [(e.name, tuple(e.input_shapes[0][2:]), tuple(e.input_shapes[1][2:])) if e.name == 'aten::mkldnn_convolution'
+             else (e.name, tuple(e.input_shapes[1][2:]), tuple(e.input_shapes[2][2:]))
+             for e in prof.events() if e.name in ('aten::mkldnn_convolution', 'mkldnn::_convolution_pointwise_')]
+    return out, convs, {e.name for e in prof.events()}
+
+
+def _sum_ref(x, ws, b):
+    ref = sum(F.conv2d(x.double(), w.double(), padding=(w.shape[2] // 2, w.shape[3] // 2), groups=x.shape[1])
+              for w in ws)
+    return ref if b is None else ref + b.double().reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('channels_last', [False, True])
-def test_transposed_tall_band_gives_the_same_sum(monkeypatch, channels_last):
+def test_transposed_tall_band_gives_the_same_sum(channels_last, fused):
     """Inference of a unit with a long tall band on a non-square map: the tall band reaches its conv as a wide band
-    over the transposed input, the result is channels_last and matches a float64 F.conv2d sum (1e-5 relative)."""
+    over the transposed input, the result is channels_last and matches a float64 F.conv2d sum (1e-5 relative), with
+    the band-sum fusion on (the tall band accumulates into the sum's transposed view) and off."""
     torch.manual_seed(0)
     x = torch.randn(2, 6, 24, 45)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     ws = [torch.randn(6, 1, *k) / 8 for k in ((19, 5), (5, 19), (5, 5))]
     b = torch.randn(6)
-    seen = []
-    conv2d = F.conv2d
-    monkeypatch.setattr(F, 'conv2d', lambda inp, w, *a, **kw: seen.append(
-        (tuple(inp.shape[2:]), tuple(w.shape[2:]))) or conv2d(inp, w, *a, **kw))
-    with torch.no_grad():
-        out = dwconv2d_sum(x, ws, b)
-    monkeypatch.undo()
-    assert seen == [((45, 24), (5, 19)), ((24, 45), (5, 19)), ((24, 45), (5, 5))]
+    with torch.no_grad(), (contextlib.nullcontext() if fused else cpu_fusions_disabled('conv_add')):
+        out, convs, _ = _conv_calls(lambda: dwconv2d_sum(x, ws, b))
+    # (input H×W, kernel) of every convolution: the 19×5 band only ever runs as 5×19 over the 45×24 transpose
+    assert {(shape, k) for _, shape, k in convs} == {((45, 24), (5, 19)), ((24, 45), (5, 19)), ((24, 45), (5, 5))}
+    assert any(name == 'mkldnn::_convolution_pointwise_' for name, *_ in convs) == fused
     assert out.is_contiguous(memory_format=torch.channels_last)
-    x64 = x.double()
-    ref = sum(F.conv2d(x64, w.double(), padding=(w.shape[2] // 2, w.shape[3] // 2), groups=6) for w in ws)
-    ref = ref + b.double().reshape(1, -1, 1, 1)
+    ref = _sum_ref(x, ws, b)
     assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize('shape,kernels', [
+    ((2, 5, 12, 9), [(7, 3), (3, 7)]),                 # small map: no transposition, true oneDNN sum post-op
+    ((1, 4, 6, 5), [(51, 5), (5, 51), (5, 5)]),        # map smaller than the kernels: clipped taps
+    ((1, 3, 40, 33), [(19, 5), (5, 19), (5, 5)]),      # tall band transposed, the others fused
+    ((2, 6, 9, 9), [(13, 13), (3, 3)])])
+@pytest.mark.parametrize('with_bias', [True, False])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_fused_band_sum_matches_float64(shape, kernels, with_bias, channels_last):
+    """CPU float32 inference sums accumulate each later kernel inside its convolution (oneDNN sum post-op): same
+    result as a float64 F.conv2d sum (1e-5 relative), channels_last, input untouched, no separate add."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ws = [torch.randn(shape[1], 1, *k) / 8 for k in kernels]
+    b = torch.randn(shape[1]) if with_bias else None
+    x0 = x.clone()
+    with torch.no_grad():
+        out, convs, ops = _conv_calls(lambda: dwconv2d_sum(x, ws, b))
+    transposed = any(t for t in transposed_kernels(x, ws))
+    assert [name for name, *_ in convs].count('mkldnn::_convolution_pointwise_') == len(ws) - 1
+    assert 'aten::add' not in ops and ('aten::add_' in ops) == transposed  # only the transposed band's view add
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == torch.float32
+    assert torch.equal(x, x0)
+    ref = _sum_ref(x, ws, b)
+    assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_fused_band_sum_only_where_it_cannot_change_anything():
+    x = torch.randn(1, 4, 10, 10)
+    ws = [torch.randn(4, 1, 7, 3), torch.randn(4, 1, 3, 7)]
+    with torch.no_grad():
+        assert fused_sum_applies(x, ws, None)
+        assert not fused_sum_applies(x, ws[:1], None)  # one kernel: nothing to add
+        assert not fused_sum_applies(x.double(), [w.double() for w in ws], None)  # oneDNN has no float64 path
+        assert not fused_sum_applies(x.bfloat16(), [w.bfloat16() for w in ws], None)  # measured for float32 only
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert not fused_sum_applies(x, ws, None)
+        with cpu_fusions_disabled('conv_add'):
+            assert not fused_sum_applies(x, ws, None)
+        with cpu_fusions_disabled('mlp'):
+            assert fused_sum_applies(x, ws, None)
+    trained = [w.clone().requires_grad_() for w in ws]
+    assert not fused_sum_applies(x, trained, None)  # the post-op has no backward
+    out = dwconv2d_sum(x, trained)
+    out.sum().backward()
+    assert all(w.grad is not None for w in trained)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)  # shape checks become constants, as intended
+        graph = str(torch.jit.trace(lambda a: dwconv2d_sum(a, ws), x).graph)
+    assert '_convolution_pointwise' not in graph and 'aten::_convolution' in graph  # traced graphs stay portable
+
+
+def test_cpu_fusion_switch_nests_restores_and_rejects_unknown_names():
+    from slak_mm.ops.cpu_fusion import cpu_fusion_enabled
+    enabled = lambda: [cpu_fusion_enabled(n, '_convolution_pointwise') for n in ('mlp', 'conv_add')]  # noqa: E731
+    assert enabled() == [True, True]
+    with cpu_fusions_disabled('mlp'):
+        assert enabled() == [False, True]
+        with cpu_fusions_disabled():
+            assert enabled() == [False, False]
+        assert enabled() == [False, True]
+    assert enabled() == [True, True]
+    with pytest.raises(ValueError, match="unknown CPU fusion.*'conv_sum'.*choose from"):
+        with cpu_fusions_disabled('conv_sum'):
+            pass
+    assert enabled() == [True, True]
 
 
 @pytest.mark.parametrize('phase', ['forward', 'eval_sum'])
@@ -204,6 +293,7 @@ def test_dwconv_benchmark_compares_equal_computations(phase):
         sep = sum(F.conv2d(x64, k.double(), padding=(k.shape[2] // 2, k.shape[3] // 2), groups=4) for k in kernels)
         bias = ref.double() - sep  # the benchmark's random bias, the same for every pixel of a channel
         assert (bias - bias[:, :, :1, :1]).abs().max() <= 1e-4 * sep.abs().max()
-    for name in ('ours', 'cl'):
+    assert set(outs) == ({'ours', 'nchw', 'cl'} | ({'unfused'} if phase == 'eval_sum' else set()))
+    for name in set(outs) - {'nchw'}:
         for a, b in zip(outs[name] if phase == 'forward' else [outs[name]], ref if phase == 'forward' else [ref]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

@@ -6,13 +6,15 @@
 MODEL: slak_t | slak_s | slak_b (training form, conv_impl='auto': the fused Triton unit on CUDA), slak_t_torch
 (conv_impl='torch': PyTorch's convolutions), slak_t_deploy (merged kernels), convnext_tiny (timm),
 convnext_tiny_fused (timm's ConvNeXt-T with the CPU inference MLP fusion and channels_last weights SLaK's blocks use:
-a like-for-like baseline), or a config path (its backbone); any name + '_unfused' runs that model with the MLP fusion
-off; slak_t_ref (slak_s_ref, slak_b_ref) runs SLaK the reference's way (three nn.Conv2d + BN branches, no folding or
-fusion, whole model channels_last). Default: slak_t slak_t_deploy convnext_tiny, plus convnext_tiny_fused on CPU and
-slak_t_torch on CUDA. Inputs are plain NCHW tensors, as a user passes them. Reports inference images/s and time
-per batch (gradients off), optionally the training-step time (forward + backward + SGD step), and peak memory on
-CUDA; ratios are against the last model listed, measured round-robin in the same run. The inference ratio is the median
-of the per-repeat ratios (each repeat times every model back to back), with their 25th–75th percentiles in brackets.
+a like-for-like baseline), or a config path (its backbone); any name + '_unfused' runs that model with the CPU
+inference fusions off (slak_mm.ops.cpu_fusion: the MLP's and the band sum's), + '_unfused_mlp' or
+'_unfused_conv_add' only that one; slak_t_ref (slak_s_ref, slak_b_ref) runs SLaK the reference's way (three
+nn.Conv2d + BN branches, no folding or fusion, whole model channels_last).
+Default: slak_t slak_t_deploy convnext_tiny, plus convnext_tiny_fused on CPU and slak_t_torch on CUDA. Inputs are
+plain NCHW tensors, as a user passes them. Reports inference images/s and time per batch (gradients off), optionally
+the training-step time (forward + backward + SGD step), and peak memory on CUDA; ratios are against the last model
+listed, measured round-robin in the same run. The inference ratio is the median of the per-repeat ratios (each repeat
+times every model back to back), with their 25th–75th percentiles in brackets.
 """
 import argparse
 import contextlib
@@ -30,20 +32,21 @@ from slak_mm.benchmark_utils import (device_name, medians, paired_ratio, time_in
                                      time_interleaved_samples)
 from slak_mm.models import SLaK  # noqa: E402
 from slak_mm.models.layers import LargeKernelConv  # noqa: E402
-from slak_mm.ops.fused_mlp import can_fuse_mlp, fused_mlp_disabled, fused_mlp_residual  # noqa: E402
+from slak_mm.ops.cpu_fusion import FUSIONS, cpu_fusions_disabled  # noqa: E402
+from slak_mm.ops.fused_mlp import can_fuse_mlp, fused_mlp_residual  # noqa: E402
 
 ARCHS = {'slak_t': 'tiny', 'slak_s': 'small', 'slak_b': 'base'}
 
 
 class Unfused(torch.nn.Module):
-    """Runs the wrapped model with the CPU inference MLP fusion off (same-run A/B of that fusion)."""
+    """Runs the wrapped model with the named CPU inference fusions (all if none) off: same-run A/B of them."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, fusions=()):
         super().__init__()
-        self.model = model
+        self.model, self.fusions = model, tuple(fusions)
 
     def forward(self, x):
-        with fused_mlp_disabled():
+        with cpu_fusions_disabled(*self.fusions):
             return self.model(x)
 
 
@@ -63,7 +66,7 @@ class ReferenceExecution(torch.nn.Module):
                 m.forward = types.MethodType(_branch_sum, m)
 
     def forward(self, x):
-        with fused_mlp_disabled():
+        with cpu_fusions_disabled():
             return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
@@ -74,8 +77,11 @@ def _branch_sum(self, x):
 def build(name: str, device: torch.device) -> torch.nn.Module:
     if name.endswith('_ref'):
         return ReferenceExecution(build(name[:-len('_ref')] + '_torch', device))
-    if name.endswith('_unfused'):
-        return Unfused(build(name[:-len('_unfused')], device))
+    if '_unfused' in name:  # NAME_unfused: every CPU fusion off; NAME_unfused_FUSION (e.g. _unfused_conv_add): one
+        base, _, fusion = name.partition('_unfused')
+        if fusion and fusion[1:] not in FUSIONS:
+            raise ValueError(f'{name}: after _unfused_ name one of {FUSIONS}, e.g. {base}_unfused_{FUSIONS[-1]}')
+        return Unfused(build(base, device), [fusion[1:]] if fusion else [])
     if name.endswith('_deploy'):
         model = build(name[:-len('_deploy')], device).eval()
         model.switch_to_deploy()

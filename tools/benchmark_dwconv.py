@@ -10,9 +10,11 @@ two bands (M×N with the N×N kernel in its centre, N×M) plus a bias, summed, g
   ours       slak_mm.ops.dwconv2d_branches, impl='auto', NCHW input (what a user passes; layout handled inside):
              the fused Triton unit on CUDA; on CPU oneDNN channels_last plus the FFT weight gradient.
              eval_sum: dwconv2d_sum on a channels_last input (as inside the backbone); on CPU the tall band runs
-             as a wide one over the transposed map
+             as a wide one over the transposed map, and the second band accumulates into the first one's output
+             inside its convolution (oneDNN sum post-op)
   nchw       three F.conv2d (nn.Conv2d) calls on NCHW (eval_sum: two, added)
   cl         the same calls on a channels_last input
+  unfused    (eval_sum, CPU) ours with the band-sum fusion off: separate convolutions and an add
 and reports GF/s (dense MACs, 3× for forward+backward, 2·M·N per output for eval_sum) and the fraction of this
 machine's fp32 GEMM rate measured in the same run; the nchw/ours and cl/ours speed-ups are medians of per-repeat
 ratios (each repeat times all three back to back). Prints a markdown table and writes JSON with the device name.
@@ -30,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from slak_mm.benchmark_utils import (SLAK_T_STAGES, device_name, gemm_gflops, medians,  # noqa: E402
                                      paired_ratio, time_interleaved_samples)
 from slak_mm.models.layers import pad_kernel  # noqa: E402
+from slak_mm.ops.cpu_fusion import cpu_fusions_disabled  # noqa: E402
 from slak_mm.ops import dwconv2d_branches, dwconv2d_sum  # noqa: E402
 
 SHORT = 5
@@ -65,9 +68,15 @@ def make_fns(x: torch.Tensor, kernels, phase: str):
                 with torch.no_grad():
                     return f()
             return run
+        def unfused():
+            with cpu_fusions_disabled('conv_add'):
+                return dwconv2d_sum(x_cl, bands, bias)
         # channels_last input for ours too: inside the backbone the activations already are
-        return {'ours': no_grad(lambda: dwconv2d_sum(x_cl, bands, bias)), 'nchw': no_grad(lambda: added(x)),
-                'cl': no_grad(lambda: added(x_cl))}
+        fns = {'ours': no_grad(lambda: dwconv2d_sum(x_cl, bands, bias)), 'nchw': no_grad(lambda: added(x)),
+               'cl': no_grad(lambda: added(x_cl))}
+        if x.device.type == 'cpu':
+            fns['unfused'] = no_grad(unfused)
+        return fns
 
     def separate(a, ks):
         return [F.conv2d(a, k, padding=(k.shape[2] // 2, k.shape[3] // 2), groups=c) for k in ks]
@@ -108,8 +117,8 @@ def main() -> None:
     print(f'device: {dev}; fp32 GEMM (2048^3) in this run: {gemm:.1f} GF/s')
     rows = []
     print('| input | stage | B×C×H×W | dtype | phase | unit ours (ms) | nchw (ms) | cl (ms) | nchw/ours | cl/ours '
-          '| ours GF/s | % GEMM |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+          '| unfused/ours | ours GF/s | % GEMM |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
     for size in args.sizes:
         h_in, w_in = parse_size(size)
         batch = args.batch or ((8 if h_in <= 224 else 1) if device.type == 'cpu' else
@@ -126,7 +135,7 @@ def main() -> None:
                 for phase in args.phases:
                     samples = time_interleaved_samples(make_fns(x, kernels, phase), device, args.repeats)
                     total = medians(samples)
-                    vs_ours = {k: paired_ratio(samples, k, 'ours')[0] for k in ('nchw', 'cl')}
+                    vs_ours = {k: paired_ratio(samples, k, 'ours')[0] for k in samples if k != 'ours'}
                     work = macs_eval if phase == 'eval_sum' else macs * (3 if phase == 'fwd_bwd' else 1)
                     gfs = 2 * work / total['ours'] / 1e9
                     row = dict(input=size, stage=si, shape=[batch, c, h, w], dtype=dt, phase=phase,
@@ -134,9 +143,10 @@ def main() -> None:
                                frac_gemm=gfs / gemm if dt == 'float32' else None)
                     rows.append(row)
                     frac = f'{100 * gfs / gemm:.0f}%' if dt == 'float32' else '–'
+                    unfused = f'{vs_ours["unfused"]:.2f}' if 'unfused' in vs_ours else '–'
                     print(f'| {size} | {si} | {batch}×{c}×{h}×{w} | {dt} | {phase} | {total["ours"] * 1e3:.2f} | '
                           f'{total["nchw"] * 1e3:.2f} | {total["cl"] * 1e3:.2f} | '
-                          f'{vs_ours["nchw"]:.2f} | {vs_ours["cl"]:.2f} | {gfs:.1f} | '
+                          f'{vs_ours["nchw"]:.2f} | {vs_ours["cl"]:.2f} | {unfused} | {gfs:.1f} | '
                           f'{frac} |', flush=True)
     import os
     os.makedirs(osp.dirname(args.json) or '.', exist_ok=True)

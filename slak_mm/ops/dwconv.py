@@ -6,9 +6,11 @@ Semantics are exactly ``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), gr
 ``'torch'``  PyTorch's convolutions, in the fastest layout for the device: on CPU, oneDNN's channels_last depthwise
              kernels run SLaK's long bands an order of magnitude faster than the NCHW path (docs/benchmarks.md), so
              NCHW inputs are converted; results do not depend on the layout (in inference, long tall bands run as
-             wide bands over the transposed map, see :func:`transposed_kernels`). On CPU the weight gradient of a large
-             kernel is computed by FFT cross-correlation when the cost model below predicts it is cheaper (oneDNN's
-             depthwise weight-gradient runs at a few % of the GEMM rate); the forward and input gradient stay direct.
+             wide bands over the transposed map, see :func:`transposed_kernels`, and each band after the first
+             accumulates into the sum inside its own convolution, see :func:`fused_sum_applies`). On CPU the
+             weight gradient of a large kernel is computed by FFT cross-correlation when the cost model below
+             predicts it is cheaper (oneDNN's depthwise weight-gradient runs at a few % of the GEMM rate); the
+             forward and input gradient stay direct.
 ``'triton'`` the Triton kernels of :mod:`slak_mm.ops.triton_dwconv` (CUDA tensors; CPU tensors only under Triton's
              interpreter, ``TRITON_INTERPRET=1``, which the tests use).
 ``'auto'``   Triton for CUDA tensors when Triton is installed, the torch path otherwise (and while tracing/exporting).
@@ -24,6 +26,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from .cpu_fusion import cpu_fusion_enabled
 
 IMPLS = ('auto', 'torch', 'triton')
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -237,6 +241,53 @@ def transposed_kernels(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> List
     return off if all(flags) else flags
 
 
+def fused_sum_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`dwconv2d_sum` may accumulate its kernels through oneDNN's convolution + add post-op.
+
+    CPU float32 inference of two or more kernels only: no gradient needed (the op has no backward), no autocast, not
+    tracing / exporting / compiling, oneDNN enabled and the ``'conv_add'`` fusion not switched off
+    (:func:`slak_mm.ops.cpu_fusion.cpu_fusions_disabled`). Same products as the separate convolutions and add; only
+    the order of the final additions may differ (float32 rounding).
+    """
+    tensors = [x, *weights] + ([bias] if bias is not None else [])
+    if len(weights) < 2 or x.device.type != 'cpu' or x.numel() == 0:
+        return False
+    if any(t.dtype != torch.float32 for t in tensors) or torch.is_autocast_enabled('cpu'):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if _exporting() or torch.compiler.is_compiling():
+        return False
+    return cpu_fusion_enabled('conv_add', '_convolution_pointwise')
+
+
+def _fused_dwconv_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``sum_k dwconv2d(x, weights[k]) + bias``, each convolution after the first accumulating into the running sum
+    (``torch.ops.mkldnn._convolution_pointwise_.binary``): oneDNN's sum post-op, so no separate pass over the
+    activations per extra kernel. A tall band run over the transposed map (:func:`transposed_kernels`) accumulates
+    into the transposed view of the sum instead, which oneDNN cannot take: PyTorch then adds its output in place.
+    The first convolution runs on ``x`` itself (there always is one), so the sum is channels_last in ``x``'s
+    orientation. Measured against separate convolutions and adds in docs/benchmarks.md ("Band sum as a convolution
+    post-op")."""
+    x = _channels_last(x)
+    groups, (h, w) = x.shape[1], x.shape[2:]
+    flags = transposed_kernels(x, weights)
+    xt = _channels_last(x.transpose(2, 3)) if any(flags) else None
+    out = None
+    for k in sorted(range(len(weights)), key=lambda k: flags[k]):
+        kernel, inp = clip_to_input(weights[k], h, w), x
+        if flags[k]:
+            kernel, inp = kernel.transpose(2, 3).contiguous(memory_format=torch.channels_last), xt
+        padding = [kernel.shape[2] // 2, kernel.shape[3] // 2]
+        if out is None:
+            out = F.conv2d(inp, kernel, bias, padding=padding, groups=groups)
+        else:
+            torch.ops.mkldnn._convolution_pointwise_.binary(out.transpose(2, 3) if flags[k] else out, inp, kernel,
+                                                            None, padding, [1, 1], [1, 1], groups, 'add', None,
+                                                            None, [], None)
+    return out
+
+
 def _torch_dwconvs(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
                    allow_transpose: bool = False) -> List[torch.Tensor]:
     """PyTorch path: each kernel's output (``bias`` added to the first), in the layout that is fastest here. With
@@ -303,6 +354,8 @@ def dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optiona
         from .triton_dwconv import dwconv_branches
         x, (b, *ws) = _autocast(x, [bias, *weights])
         return dwconv_branches(x, ws, b, sum_outputs=True)
+    if fused_sum_applies(x, weights, bias):
+        return _fused_dwconv_sum(x, weights, bias)
     outs = _torch_dwconvs(x, weights, bias, allow_transpose=True)
     # Start from an output in the result's layout (a transposed band comes back as a transposed view): the sum then
     # keeps that layout and the final conversion is a no-op.

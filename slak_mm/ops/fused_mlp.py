@@ -11,38 +11,14 @@ The fast path runs only where it cannot change anything else: CPU float32, gradi
 exporting / compiling, mkldnn enabled, and nothing hooked on the linear or activation modules (the MAC counter's
 hooks must see every layer). Everywhere else the caller uses its ordinary modules.
 """
-import contextlib
-import functools
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-__all__ = ['any_hooked', 'fused_mlp_available', 'fused_mlp_disabled', 'can_fuse_mlp', 'fused_mlp_residual']
+from .cpu_fusion import cpu_fusion_enabled
 
-_disabled = False
-
-
-@functools.lru_cache(maxsize=None)
-def _has_fused_linear() -> bool:  # op lookup once, not per block per forward
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
-
-
-def fused_mlp_available() -> bool:
-    """Whether this PyTorch build has oneDNN's fused linear op, mkldnn is enabled, and no
-    :func:`fused_mlp_disabled` block is active."""
-    return not _disabled and torch.backends.mkldnn.enabled and _has_fused_linear()
-
-
-@contextlib.contextmanager
-def fused_mlp_disabled() -> Iterator[None]:
-    """Run the plain modules inside this block (A/B benchmarks, debugging). Process-wide, not thread-local."""
-    global _disabled
-    previous, _disabled = _disabled, True
-    try:
-        yield
-    finally:
-        _disabled = previous
+__all__ = ['any_hooked', 'can_fuse_mlp', 'fused_mlp_residual']
 
 
 def any_hooked(modules: Iterable[nn.Module]) -> bool:
@@ -57,7 +33,8 @@ def can_fuse_mlp(x: torch.Tensor, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled('cpu')
             and isinstance(act, nn.GELU) and fc1.weight.dtype == torch.float32 and fc2.weight.dtype == torch.float32
             and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
-            and not torch.compiler.is_compiling() and fused_mlp_available() and not any_hooked((fc1, act, fc2)))
+            and not torch.compiler.is_compiling() and cpu_fusion_enabled('mlp', '_linear_pointwise')
+            and not any_hooked((fc1, act, fc2)))
 
 
 def fused_mlp_residual(x: torch.Tensor, shortcut: torch.Tensor, fc1: nn.Linear, act: nn.GELU, fc2: nn.Linear,
