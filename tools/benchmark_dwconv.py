@@ -32,8 +32,8 @@ import torch.nn.functional as F  # noqa: E402
 from slak_mm.benchmark_utils import (SLAK_T_STAGES, device_name, gemm_gflops, medians,  # noqa: E402
                                      paired_ratio, time_interleaved_samples)
 from slak_mm.models.layers import pad_kernel  # noqa: E402
-from slak_mm.ops.cpu_fusion import cpu_fusions_disabled  # noqa: E402
 from slak_mm.ops import dwconv2d_branches, dwconv2d_sum  # noqa: E402
+from slak_mm.ops.cpu_fusion import cpu_fusions_disabled  # noqa: E402
 
 SHORT = 5
 
@@ -68,6 +68,7 @@ def make_fns(x: torch.Tensor, kernels, phase: str):
                 with torch.no_grad():
                     return f()
             return run
+
         def unfused():
             with cpu_fusions_disabled('conv_add'):
                 return dwconv2d_sum(x_cl, bands, bias)

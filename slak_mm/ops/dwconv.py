@@ -275,9 +275,7 @@ def _fused_dwconv_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Op
     xt = _channels_last(x.transpose(2, 3)) if any(flags) else None
     out = None
     for k in sorted(range(len(weights)), key=lambda k: flags[k]):
-        kernel, inp = clip_to_input(weights[k], h, w), x
-        if flags[k]:
-            kernel, inp = kernel.transpose(2, 3).contiguous(memory_format=torch.channels_last), xt
+        inp, kernel = _oriented(x, xt, clip_to_input(weights[k], h, w), flags[k])
         padding = [kernel.shape[2] // 2, kernel.shape[3] // 2]
         if out is None:
             out = F.conv2d(inp, kernel, bias, padding=padding, groups=groups)
@@ -302,13 +300,17 @@ def _torch_dwconvs(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optio
     xt = _channels_last(x.transpose(2, 3)) if any(flags) else None
     outs = []
     for k, (w, flag) in enumerate(zip(weights, flags)):
-        b = bias if k == 0 else None
-        if flag:
-            outs.append(_torch_dwconv(xt, w.transpose(2, 3).contiguous(memory_format=torch.channels_last), b)
-                        .transpose(2, 3))
-        else:
-            outs.append(_torch_dwconv(x, w, b))
+        y = _torch_dwconv(*_oriented(x, xt, w, flag), bias if k == 0 else None)
+        outs.append(y.transpose(2, 3) if flag else y)
     return outs
+
+
+def _oriented(x: torch.Tensor, xt: Optional[torch.Tensor], kernel: torch.Tensor, transposed: bool) -> tuple:
+    """(input, kernel) for one band: ``x`` and the kernel as given, or for a tall band run as a wide one
+    (:func:`transposed_kernels`) the transposed map ``xt`` and the transposed kernel, channels_last like SLaK's."""
+    if not transposed:
+        return x, kernel
+    return xt, kernel.transpose(2, 3).contiguous(memory_format=torch.channels_last)
 
 
 def _torch_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
