@@ -11,6 +11,22 @@ import torch
 SLAK_T_STAGES = [(124, 51, 4), (249, 49, 8), (499, 47, 16), (998, 13, 32)]
 
 
+def parse_size(text: str) -> Tuple[int, int]:
+    """An input size from the command line: ``'512'`` (square) or ``'800x1344'`` (height x width)."""
+    h, sep, w = str(text).partition('x')
+    try:
+        size = int(h), int(w) if sep else int(h)
+    except ValueError:
+        size = None
+    if size is None or min(size) < 32:
+        raise ValueError(f'input size must be N or HxW with sides >= 32 (e.g. 512 or 800x1344), got {text!r}')
+    return size
+
+
+def size_label(size: Tuple[int, int]) -> str:
+    return str(size[0]) if size[0] == size[1] else f'{size[0]}x{size[1]}'
+
+
 def device_name(device: torch.device) -> str:
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)

@@ -105,3 +105,18 @@ def test_interleaved_timing_shuffles_the_order_and_pairs_the_ratios():
     median, q1, q3 = paired_ratio(slow, 'm', 'base')
     assert median == pytest.approx(2.1) and q1 == pytest.approx(2.0) and q3 == pytest.approx(2.2)
     assert paired_ratio({'m': [3.0], 'base': [1.5]}, 'm', 'base') == (2.0, 2.0, 2.0)
+
+
+def test_benchmark_sizes_parse_hxw_and_reject_bad_ones_before_timing():
+    # Both benchmarks take N or HxW (the detection input 800x1344 is not square); a bad size stops the tool at once.
+    from slak_mm.benchmark_utils import parse_size, size_label
+    assert parse_size('512') == (512, 512) and parse_size('800x1344') == (800, 1344)
+    assert size_label((512, 512)) == '512' and size_label((800, 1344)) == '800x1344'
+    for bad in ('800x', 'x1344', 'big', '16', '800x16', '8x8x8'):
+        with pytest.raises(ValueError, match=r'N or HxW'):
+            parse_size(bad)
+    for tool in ('tools/benchmark.py', 'tools/benchmark_dwconv.py'):
+        proc = subprocess.run([sys.executable, tool, '--sizes', '512', '800by1344'], capture_output=True, text=True,
+                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+        assert proc.returncode == 2 and "'800by1344'" in proc.stderr and 'HxW' in proc.stderr, proc.stderr[-2000:]
+        assert '|' not in proc.stdout  # no table: nothing was timed

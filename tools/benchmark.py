@@ -1,6 +1,6 @@
 """Backbone benchmark: SLaK vs timm ConvNeXt in the same run, on the same device.
 
-    python tools/benchmark.py [MODEL ...] [--sizes 224 512] [--batch N] [--amp] [--train] [--quick]
+    python tools/benchmark.py [MODEL ...] [--sizes 224 512 800x1344] [--batch N] [--amp] [--train] [--quick]
                               [--json results.json]
 
 MODEL: slak_t | slak_s | slak_b (training form, conv_impl='auto': the fused Triton unit on CUDA), slak_t_torch
@@ -28,8 +28,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from slak_mm.benchmark_utils import (device_name, medians, paired_ratio, time_interleaved,  # noqa: E402
-                                     time_interleaved_samples)
+from slak_mm.benchmark_utils import (device_name, medians, paired_ratio, parse_size, size_label,  # noqa: E402
+                                     time_interleaved, time_interleaved_samples)
 from slak_mm.models import SLaK  # noqa: E402
 from slak_mm.models.layers import LargeKernelConv  # noqa: E402
 from slak_mm.ops.cpu_fusion import FUSIONS, cpu_fusions_disabled  # noqa: E402
@@ -138,8 +138,8 @@ def fuse_timm_convnext_mlp(model: torch.nn.Module) -> torch.nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('models', nargs='*', default=None)
-    parser.add_argument('--sizes', type=int, nargs='+', default=[224, 512])
-    parser.add_argument('--batch', type=int, default=None, help='default: 1 on CPU, 32 (224) / 8 (512) on GPU')
+    parser.add_argument('--sizes', nargs='+', default=['224', '512'], help='N or HxW (e.g. 800x1344)')
+    parser.add_argument('--batch', type=int, default=None, help='default: 1 on CPU; 32 (224) / 8 (512) / 2 (larger) on GPU')
     parser.add_argument('--amp', action='store_true', help='bf16 autocast (CPU and GPU)')
     parser.add_argument('--train', action='store_true', help='also time a training step')
     parser.add_argument('--repeats', type=int, default=5)
@@ -148,7 +148,11 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if args.quick:
-        args.sizes, args.repeats = [224], 3
+        args.sizes, args.repeats = ['224'], 3
+    try:
+        sizes = [parse_size(s) for s in args.sizes]
+    except ValueError as e:
+        parser.error(str(e))
     dev = device_name(device)
     if not args.models:
         args.models = (['slak_t', 'slak_t_torch', 'slak_t_deploy'] if device.type == 'cuda' else
@@ -157,9 +161,11 @@ def main() -> None:
     models = {n: build(n, device) for n in args.models}
     base = args.models[-1]
     results = []
-    for size in args.sizes:
-        batch = args.batch or (1 if device.type == 'cpu' else (32 if size <= 224 else 8))
-        x = torch.randn(batch, 3, size, size, device=device)
+    for h, w in sizes:
+        size = size_label((h, w))
+        gpu_batch = 32 if h * w <= 224 ** 2 else 8 if h * w <= 512 ** 2 else 2
+        batch = args.batch or (1 if device.type == 'cpu' else gpu_batch)
+        x = torch.randn(batch, 3, h, w, device=device)
         ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
 
         def infer(m):

@@ -30,17 +30,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from slak_mm.benchmark_utils import (SLAK_T_STAGES, device_name, gemm_gflops, medians,  # noqa: E402
-                                     paired_ratio, time_interleaved_samples)
+                                     paired_ratio, parse_size, size_label, time_interleaved_samples)
 from slak_mm.models.layers import pad_kernel  # noqa: E402
 from slak_mm.ops import dwconv2d_branches, dwconv2d_sum  # noqa: E402
 from slak_mm.ops.cpu_fusion import cpu_fusions_disabled  # noqa: E402
 
 SHORT = 5
-
-
-def parse_size(s: str):
-    h, _, w = s.partition('x')
-    return int(h), int(w or h)
 
 
 PHASES = ('forward', 'input_grad', 'weight_grad', 'fwd_bwd', 'eval_sum')
@@ -100,7 +95,7 @@ def make_fns(x: torch.Tensor, kernels, phase: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--sizes', nargs='+', default=['224', '512', '800x1344'])
+    parser.add_argument('--sizes', nargs='+', default=['224', '512', '800x1344'], help='N or HxW')
     parser.add_argument('--batch', type=int, default=None, help='default: 8 at 224, 1 otherwise (CPU); 32/8/2 GPU')
     parser.add_argument('--dtypes', nargs='+', default=None, help='default: float32 on CPU; float32 bfloat16 '
                                                                   'float16 on GPU')
@@ -112,6 +107,10 @@ def main() -> None:
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if args.quick:
         args.sizes, args.batch, args.repeats = ['224'], 2, 3
+    try:
+        sizes = [parse_size(s) for s in args.sizes]
+    except ValueError as e:
+        parser.error(str(e))
     dtypes = args.dtypes or (['float32'] if device.type == 'cpu' else ['float32', 'bfloat16', 'float16'])
     gemm = gemm_gflops(device)
     dev = device_name(device)
@@ -120,8 +119,8 @@ def main() -> None:
     print('| input | stage | B×C×H×W | dtype | phase | unit ours (ms) | nchw (ms) | cl (ms) | nchw/ours | cl/ours '
           '| unfused/ours | ours GF/s | % GEMM |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
-    for size in args.sizes:
-        h_in, w_in = parse_size(size)
+    for h_in, w_in in sizes:
+        size = size_label((h_in, w_in))
         batch = args.batch or ((8 if h_in <= 224 else 1) if device.type == 'cpu' else
                                (32 if h_in <= 224 else 8 if h_in <= 512 else 2))
         for si, (c, m, stride) in enumerate(SLAK_T_STAGES):
