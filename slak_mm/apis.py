@@ -1,4 +1,5 @@
 """Config loading with early validation, and runner construction for tools/ (segmentation and detection alike)."""
+import itertools
 import os.path as osp
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -34,12 +35,27 @@ def load_config(path: str, cfg_options: Optional[Dict] = None, work_dir: Optiona
     return cfg
 
 
+_RUNNERS_BUILT = itertools.count()
+
+
 def build_runner(cfg: Config, launcher: str = 'none') -> Runner:
     apply_runtime_fixes(cfg, launcher)
+    _own_visualizer(cfg)
     if 'runner_type' in cfg:
         from mmengine.registry import RUNNERS
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
+
+
+def _own_visualizer(cfg: Config) -> None:
+    """mmengine keeps visualizers by name for the whole process, and the mm base configs all call theirs
+    'visualizer'. A second runner of the same task in one process (the demo, a notebook, the tests) would get the
+    first runner's visualizer back, and with it the first run's log folder: its config and scalars would land there,
+    or fail if that folder is gone. Every runner after the first gets its own name."""
+    vis = cfg.get('visualizer')
+    n = next(_RUNNERS_BUILT)
+    if isinstance(vis, dict) and n:
+        vis['name'] = f"{vis.get('name') or 'visualizer'}_{n}"
 
 
 # ---------------------------------------------------------------------------------------------------- validation

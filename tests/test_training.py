@@ -41,6 +41,21 @@ def test_upernet_trains_and_validates_with_iou_metric(demo_data, tmp_path):
     assert os.path.isfile(tmp_path / 'iter_3.pth')
 
 
+def test_runners_in_one_process_each_log_into_their_own_folder(demo_data, tmp_path):
+    # mmengine hands back a visualizer by name, and every mm config names its own 'visualizer': without build_runner's
+    # renaming, the second runner would write its config and scalars into the first run's (here deleted) folder.
+    import shutil
+    first = build_runner(_seg_cfg(demo_data, tmp_path / 'a', 1))
+    shutil.rmtree(tmp_path / 'a')
+    second = build_runner(_seg_cfg(demo_data, tmp_path / 'b', 1))
+    assert second.visualizer is not first.visualizer
+    second.train()
+    logged = [os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs
+              if f in ('config.py', 'scalars.json')]
+    assert sorted(os.path.basename(f) for f in logged) == ['config.py', 'scalars.json'], logged
+    assert all(f.startswith('b' + os.sep) for f in logged), logged
+
+
 def test_faster_rcnn_trains_and_validates_with_coco_metric(demo_data, tmp_path):
     cfg = load_config(os.path.join(ROOT, 'configs/demo/faster_rcnn_slak_demo.py'),
                       _opts(demo_data['coco'], str(tmp_path), 3, {
