@@ -27,6 +27,12 @@ def size_label(size: Tuple[int, int]) -> str:
     return str(size[0]) if size[0] == size[1] else f'{size[0]}x{size[1]}'
 
 
+def gpu_batch(height: int, width: int) -> int:
+    """The benchmarks' default GPU batch for an input size: 32 up to 224², 8 up to 512², 2 above."""
+    area = height * width
+    return 32 if area <= 224 ** 2 else 8 if area <= 512 ** 2 else 2
+
+
 def device_name(device: torch.device) -> str:
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)

@@ -28,8 +28,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from slak_mm.benchmark_utils import (device_name, medians, paired_ratio, parse_size, size_label,  # noqa: E402
-                                     time_interleaved, time_interleaved_samples)
+from slak_mm.benchmark_utils import (device_name, gpu_batch, medians, paired_ratio, parse_size,  # noqa: E402
+                                     size_label, time_interleaved, time_interleaved_samples)
 from slak_mm.models import SLaK  # noqa: E402
 from slak_mm.models.layers import LargeKernelConv  # noqa: E402
 from slak_mm.ops.cpu_fusion import FUSIONS, cpu_fusions_disabled  # noqa: E402
@@ -139,7 +139,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('models', nargs='*', default=None)
     parser.add_argument('--sizes', nargs='+', default=['224', '512'], help='N or HxW (e.g. 800x1344)')
-    parser.add_argument('--batch', type=int, default=None, help='default: 1 on CPU; 32 (224) / 8 (512) / 2 (larger) on GPU')
+    parser.add_argument('--batch', type=int, default=None,
+                        help='default: 1 on CPU; 32 (224) / 8 (512) / 2 (larger) on GPU')
     parser.add_argument('--amp', action='store_true', help='bf16 autocast (CPU and GPU)')
     parser.add_argument('--train', action='store_true', help='also time a training step')
     parser.add_argument('--repeats', type=int, default=5)
@@ -163,8 +164,7 @@ def main() -> None:
     results = []
     for h, w in sizes:
         size = size_label((h, w))
-        gpu_batch = 32 if h * w <= 224 ** 2 else 8 if h * w <= 512 ** 2 else 2
-        batch = args.batch or (1 if device.type == 'cpu' else gpu_batch)
+        batch = args.batch or (1 if device.type == 'cpu' else gpu_batch(h, w))
         x = torch.randn(batch, 3, h, w, device=device)
         ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
 

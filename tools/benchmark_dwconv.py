@@ -29,7 +29,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from slak_mm.benchmark_utils import (SLAK_T_STAGES, device_name, gemm_gflops, medians,  # noqa: E402
+from slak_mm.benchmark_utils import (SLAK_T_STAGES, device_name, gemm_gflops, gpu_batch, medians,  # noqa: E402
                                      paired_ratio, parse_size, size_label, time_interleaved_samples)
 from slak_mm.models.layers import pad_kernel  # noqa: E402
 from slak_mm.ops import dwconv2d_branches, dwconv2d_sum  # noqa: E402
@@ -121,8 +121,7 @@ def main() -> None:
     print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
     for h_in, w_in in sizes:
         size = size_label((h_in, w_in))
-        batch = args.batch or ((8 if h_in <= 224 else 1) if device.type == 'cpu' else
-                               (32 if h_in <= 224 else 8 if h_in <= 512 else 2))
+        batch = args.batch or ((8 if h_in <= 224 else 1) if device.type == 'cpu' else gpu_batch(h_in, w_in))
         for si, (c, m, stride) in enumerate(SLAK_T_STAGES):
             h, w = h_in // stride, w_in // stride
             for dt in dtypes:
