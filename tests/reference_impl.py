@@ -1,8 +1,9 @@
 """An independent SLaK forward written from slak_reference.md §2, for fidelity tests.
 
 Reads a state dict in the *reference's* key layout (§4.1-4.2: LoRA1/LoRA2/small_conv, or Decom1/Decom2, or the dense
-lkb_origin, optionally with the ImageNet head/norm and a ``module.`` prefix) and computes eval-mode stage outputs with explicit per-branch F.conv2d calls,
-BatchNorm in its eval form (x - mean) / sqrt(var + eps) * w + b, and LayerNorm by hand. Shares no code with slak_mm.
+lkb_origin, optionally with the ImageNet head/norm and a ``module.`` prefix) and computes eval-mode stage outputs with
+explicit per-branch F.conv2d calls, BatchNorm in its eval form (x - mean) / sqrt(var + eps) * w + b, and LayerNorm by
+hand. Shares no code with slak_mm.
 """
 from typing import Dict, List, Sequence
 

@@ -172,7 +172,8 @@ def _conv_calls(fn):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         out = fn()
-    convs = [(e.name, tuple(e.input_shapes[0][2:]), tuple(e.input_shapes[1][2:])) if e.name == 'aten::mkldnn_convolution'
+    convs = [(e.name, tuple(e.input_shapes[0][2:]), tuple(e.input_shapes[1][2:]))
+             if e.name == 'aten::mkldnn_convolution'
              else (e.name, tuple(e.input_shapes[1][2:]), tuple(e.input_shapes[2][2:]))
              for e in prof.events() if e.name in ('aten::mkldnn_convolution', 'mkldnn::_convolution_pointwise_')]
     return out, convs, {e.name for e in prof.events()}

@@ -11,8 +11,8 @@ max_iters = 250
 fpn_channels = 64
 
 model = dict(
-    backbone=dict(arch=dict(_delete_=True, depths=[1, 1, 2, 1], dims=[32, 64, 128, 256]), width_factor=1.0, drop_path_rate=0.1,
-                  layer_scale_init_value=1e-6, norm_cfg=dict(type='BN', requires_grad=True)),
+    backbone=dict(arch=dict(_delete_=True, depths=[1, 1, 2, 1], dims=[32, 64, 128, 256]), width_factor=1.0,
+                  drop_path_rate=0.1, layer_scale_init_value=1e-6, norm_cfg=dict(type='BN', requires_grad=True)),
     neck=dict(in_channels=[32, 64, 128, 256], out_channels=fpn_channels),
     rpn_head=dict(in_channels=fpn_channels, feat_channels=fpn_channels),
     roi_head=dict(

@@ -11,8 +11,8 @@ norm_cfg = dict(type='BN', requires_grad=True)
 
 model = dict(
     data_preprocessor=dict(size=crop_size),
-    backbone=dict(arch=dict(_delete_=True, depths=[1, 1, 2, 1], dims=[32, 64, 128, 256]), width_factor=1.0, drop_path_rate=0.1,
-                  layer_scale_init_value=1e-6, norm_cfg=norm_cfg),
+    backbone=dict(arch=dict(_delete_=True, depths=[1, 1, 2, 1], dims=[32, 64, 128, 256]), width_factor=1.0,
+                  drop_path_rate=0.1, layer_scale_init_value=1e-6, norm_cfg=norm_cfg),
     decode_head=dict(in_channels=[32, 64, 128, 256], channels=64, norm_cfg=norm_cfg),
     auxiliary_head=dict(in_channels=128, channels=32, norm_cfg=norm_cfg),
     test_cfg=dict(mode='whole'))

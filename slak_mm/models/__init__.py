@@ -1,5 +1,7 @@
 """SLaK models. Registered in ``slak_mm``'s registry scope when mmengine is installed."""
-from .layers import LargeKernelConv, LayerNorm2d, fuse_bn
+from timm.layers import LayerNorm2d
+
+from .layers import LargeKernelConv, fuse_bn
 from .slak import SLaK
 
 try:

@@ -43,7 +43,8 @@ def load_checkpoint_file(path: str) -> Dict:
         if detail:
             raise CheckpointError(f'{path}: refusing to unpickle objects outside the allow-list ({detail[0][:200]}). '
                                   f'Only tensors and argparse.Namespace are loaded from downloaded files; if this '
-                                  f'is your own trusted training checkpoint, use it as load_from/resume (or pass --trust-checkpoint where a tool offers it).'
+                                  f'is your own trusted training checkpoint, use it as load_from/resume (or pass '
+                                  f'--trust-checkpoint where a tool offers it).'
                                   ) from None
         raise CheckpointError(f'{path} is not a PyTorch checkpoint or is truncated (unpickling failed)') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:

@@ -8,7 +8,6 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d  # SLaK's 'channels_first' LayerNorm: over C of NCHW, eps 1e-6
 
 from ..ops import dwconv2d, dwconv2d_branches, dwconv2d_sum, resolve_impl
 from ..ops.fused_mlp import any_hooked
@@ -160,8 +159,8 @@ class LargeKernelConv(nn.Module):
         return kernels, bias
 
     def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
-        # A cross-shaped M×M kernel runs as two band convs (M×N, and N×M with the shared centre zeroed): ~510 MACs per
-        # output instead of M² (2601 at M=51), measured 1-5x faster than one M×M call at every SLaK-T stage shape
+        # A cross-shaped M×M kernel runs as two band convs (M×N, and N×M with the shared centre zeroed): ~510 MACs
+        # per output instead of M² (2601 at M=51), measured 1-5x faster than one M×M call at every SLaK-T stage shape
         # (docs/benchmarks.md). Any other kernel (e.g. loaded from elsewhere) runs as one M×M conv.
         w, b = self.merged.weight, self.merged.bias
         bands = self._bands

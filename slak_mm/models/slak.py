@@ -9,11 +9,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, trunc_normal_  # LayerNorm2d: SLaK's 'channels_first' LN (over C)
 
 from ..ops import IMPLS, triton_available
 from ..ops.fused_mlp import can_fuse_mlp, fused_mlp_residual
-from .layers import LargeKernelConv, LayerNorm2d
+from .layers import LargeKernelConv
 
 try:  # mm stack present: full OpenMMLab integration
     from mmengine.logging import print_log
