@@ -31,8 +31,8 @@ def select_parameters(model: nn.Module, selection: str = 'backbone') -> Dict[str
 
 
 def erk_densities(shapes: Dict[str, torch.Size], density: float) -> Dict[str, float]:
-    """Erdős–Rényi-Kernel densities (∝ sum(shape)/prod(shape)) with the global budget; layers over 1 made
-    dense."""
+    """Erdős–Rényi-Kernel densities (∝ sum(shape)/prod(shape)) within the global budget; a layer whose density
+    would exceed 1 is made dense and the rest rescaled."""
     dense: set = set()
     while True:
         budget = sum(math.prod(s) * density for s in shapes.values()) - sum(math.prod(shapes[n]) for n in dense)
