@@ -122,21 +122,23 @@ def test_benchmark_like_for_like_convnext_baseline_computes_the_same():
 
 
 def test_benchmark_unfused_names_switch_off_the_named_fusions():
-    # tools/benchmark.py: NAME_unfused times NAME with every CPU fusion off, NAME_unfused_conv_add with only that one.
+    # tools/benchmark.py: NAME_unfused times NAME with every CPU fusion off (FUSIONS: mlp, conv_add, dwconv_kernel),
+    # NAME_unfused_conv_add with only that one.
     import os.path as osp
     import sys
     sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
     import benchmark
     from slak_mm.ops.cpu_fusion import FUSIONS
     seen = []
-    for name, expect in (('slak_t_unfused', [False, False]), ('slak_t_unfused_conv_add', [True, False]),
-                         ('slak_t_unfused_mlp', [False, True])):
+    for name, expect in (('slak_t_unfused', [False, False, False]), ('slak_t_unfused_conv_add', [True, False, True]),
+                         ('slak_t_unfused_mlp', [False, True, True]),
+                         ('slak_t_unfused_dwconv_kernel', [True, True, False])):
         model = benchmark.build(name, torch.device('cpu'))
         model.model.forward = lambda x: seen.append([cpu_fusion_enabled(n, '_convolution_pointwise') for n in FUSIONS])
         model(torch.randn(1, 3, 32, 32))
         assert seen.pop() == expect, name
-    assert [cpu_fusion_enabled(n, '_convolution_pointwise') for n in FUSIONS] == [True, True]
-    with pytest.raises(ValueError, match='slak_t_unfused_conv_add'):
+    assert [cpu_fusion_enabled(n, '_convolution_pointwise') for n in FUSIONS] == [True, True, True]
+    with pytest.raises(ValueError, match='after _unfused_ name one of .*dwconv_kernel'):
         benchmark.build('slak_t_unfused_conv_sum', torch.device('cpu'))
 
 

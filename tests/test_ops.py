@@ -1,5 +1,4 @@
 """slak_mm.ops.dwconv2d against F.conv2d: forward and gradients, rectangular kernels, small maps, layouts, dtypes."""
-import contextlib
 import warnings
 
 import pytest
@@ -12,6 +11,8 @@ from slak_mm.ops import dwconv2d_sum
 from slak_mm.ops.cpu_fusion import cpu_fusions_disabled
 from slak_mm.ops.dwconv import (clip_to_input, fft_weight_grad, fft_weight_grad_wins, fused_sum_applies, nchw_wins,
                                 transposed_kernels)
+
+from dwconv_cases import float64_sum, random_unit
 
 
 def _ref(x, w, b=None):
@@ -179,12 +180,6 @@ def _conv_calls(fn):
     return out, convs, {e.name for e in prof.events()}
 
 
-def _sum_ref(x, ws, b):
-    ref = sum(F.conv2d(x.double(), w.double(), padding=(w.shape[2] // 2, w.shape[3] // 2), groups=x.shape[1])
-              for w in ws)
-    return ref if b is None else ref + b.double().reshape(1, -1, 1, 1)
-
-
 @pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_transposed_tall_band_gives_the_same_sum(channels_last, fused):
@@ -197,13 +192,14 @@ def test_transposed_tall_band_gives_the_same_sum(channels_last, fused):
         x = x.contiguous(memory_format=torch.channels_last)
     ws = [torch.randn(6, 1, *k) / 8 for k in ((19, 5), (5, 19), (5, 5))]
     b = torch.randn(6)
-    with torch.no_grad(), (contextlib.nullcontext() if fused else cpu_fusions_disabled('conv_add')):
+    off = ('dwconv_kernel',) if fused else ('dwconv_kernel', 'conv_add')  # the oneDNN path (the C++ kernel's fallback)
+    with torch.no_grad(), cpu_fusions_disabled(*off):
         out, convs, _ = _conv_calls(lambda: dwconv2d_sum(x, ws, b))
     # (input H×W, kernel) of every convolution: the 19×5 band only ever runs as 5×19 over the 45×24 transpose
     assert {(shape, k) for _, shape, k in convs} == {((45, 24), (5, 19)), ((24, 45), (5, 19)), ((24, 45), (5, 5))}
     assert any(name == 'mkldnn::_convolution_pointwise_' for name, *_ in convs) == fused
     assert out.is_contiguous(memory_format=torch.channels_last)
-    ref = _sum_ref(x, ws, b)
+    ref = float64_sum(x, ws, b)
     assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
@@ -215,23 +211,19 @@ def test_transposed_tall_band_gives_the_same_sum(channels_last, fused):
 @pytest.mark.parametrize('with_bias', [True, False])
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_fused_band_sum_matches_float64(shape, kernels, with_bias, channels_last):
-    """CPU float32 inference sums accumulate each later kernel inside its convolution (oneDNN sum post-op): same
-    result as a float64 F.conv2d sum (1e-5 relative), channels_last, input untouched, no separate add."""
-    torch.manual_seed(0)
-    x = torch.randn(shape)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    ws = [torch.randn(shape[1], 1, *k) / 8 for k in kernels]
-    b = torch.randn(shape[1]) if with_bias else None
+    """On the oneDNN path (C++ kernel off), CPU float32 inference sums accumulate each later kernel inside its
+    convolution (oneDNN sum post-op): same result as a float64 F.conv2d sum (1e-5 relative), channels_last, input
+    untouched, no separate add."""
+    x, ws, b = random_unit(shape, kernels, with_bias, channels_last)
     x0 = x.clone()
-    with torch.no_grad():
+    with torch.no_grad(), cpu_fusions_disabled('dwconv_kernel'):
         out, convs, ops = _conv_calls(lambda: dwconv2d_sum(x, ws, b))
     transposed = any(t for t in transposed_kernels(x, ws))
     assert [name for name, *_ in convs].count('mkldnn::_convolution_pointwise_') == len(ws) - 1
     assert 'aten::add' not in ops and ('aten::add_' in ops) == transposed  # only the transposed band's view add
     assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == torch.float32
     assert torch.equal(x, x0)
-    ref = _sum_ref(x, ws, b)
+    ref = float64_sum(x, ws, b)
     assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
@@ -294,7 +286,7 @@ def test_dwconv_benchmark_compares_equal_computations(phase):
         sep = sum(F.conv2d(x64, k.double(), padding=(k.shape[2] // 2, k.shape[3] // 2), groups=4) for k in kernels)
         bias = ref.double() - sep  # the benchmark's random bias, the same for every pixel of a channel
         assert (bias - bias[:, :, :1, :1]).abs().max() <= 1e-4 * sep.abs().max()
-    assert set(outs) == ({'ours', 'nchw', 'cl'} | ({'unfused'} if phase == 'eval_sum' else set()))
+    assert set(outs) == ({'ours', 'nchw', 'cl'} | ({'onednn'} if phase == 'eval_sum' else set()))
     for name in set(outs) - {'nchw'}:
         for a, b in zip(outs[name] if phase == 'forward' else [outs[name]], ref if phase == 'forward' else [ref]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

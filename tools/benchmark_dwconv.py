@@ -9,12 +9,12 @@ For each stage shape (input size -> stage map, channels, long edge M, short edge
 two bands (M×N with the N×N kernel in its centre, N×M) plus a bias, summed, gradients off:
   ours       slak_mm.ops.dwconv2d_branches, impl='auto', NCHW input (what a user passes; layout handled inside):
              the fused Triton unit on CUDA; on CPU oneDNN channels_last plus the FFT weight gradient.
-             eval_sum: dwconv2d_sum on a channels_last input (as inside the backbone); on CPU the tall band runs
-             as a wide one over the transposed map, and the second band accumulates into the first one's output
-             inside its convolution (oneDNN sum post-op)
+             eval_sum: dwconv2d_sum on a channels_last input (as inside the backbone); on CPU slak_mm's C++ kernel
+             (slak_mm/ops/cpu_kernel.py)
   nchw       three F.conv2d (nn.Conv2d) calls on NCHW (eval_sum: two, added)
   cl         the same calls on a channels_last input
-  unfused    (eval_sum, CPU) ours with the band-sum fusion off: separate convolutions and an add
+  onednn     (eval_sum, CPU) ours with the C++ kernel off: oneDNN channels_last, the tall band run as a wide one
+             over the transposed map, the second band accumulated inside its convolution (sum post-op)
 and reports GF/s (dense MACs, 3× for forward+backward, 2·M·N per output for eval_sum) and the fraction of this
 machine's fp32 GEMM rate measured in the same run; the nchw/ours and cl/ours speed-ups are medians of per-repeat
 ratios (each repeat times all three back to back). Prints a markdown table and writes JSON with the device name.
@@ -64,14 +64,14 @@ def make_fns(x: torch.Tensor, kernels, phase: str):
                     return f()
             return run
 
-        def unfused():
-            with cpu_fusions_disabled('conv_add'):
+        def onednn():
+            with cpu_fusions_disabled('dwconv_kernel'):
                 return dwconv2d_sum(x_cl, bands, bias)
         # channels_last input for ours too: inside the backbone the activations already are
         fns = {'ours': no_grad(lambda: dwconv2d_sum(x_cl, bands, bias)), 'nchw': no_grad(lambda: added(x)),
                'cl': no_grad(lambda: added(x_cl))}
         if x.device.type == 'cpu':
-            fns['unfused'] = no_grad(unfused)
+            fns['onednn'] = no_grad(onednn)
         return fns
 
     def separate(a, ks):
@@ -117,7 +117,7 @@ def main() -> None:
     print(f'device: {dev}; fp32 GEMM (2048^3) in this run: {gemm:.1f} GF/s')
     rows = []
     print('| input | stage | B×C×H×W | dtype | phase | unit ours (ms) | nchw (ms) | cl (ms) | nchw/ours | cl/ours '
-          '| unfused/ours | ours GF/s | % GEMM |')
+          '| onednn/ours | ours GF/s | % GEMM |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
     for h_in, w_in in sizes:
         size = size_label((h_in, w_in))
@@ -142,10 +142,10 @@ def main() -> None:
                                frac_gemm=gfs / gemm if dt == 'float32' else None)
                     rows.append(row)
                     frac = f'{100 * gfs / gemm:.0f}%' if dt == 'float32' else '–'
-                    unfused = f'{vs_ours["unfused"]:.2f}' if 'unfused' in vs_ours else '–'
+                    onednn = f'{vs_ours["onednn"]:.2f}' if 'onednn' in vs_ours else '–'
                     print(f'| {size} | {si} | {batch}×{c}×{h}×{w} | {dt} | {phase} | {total["ours"] * 1e3:.2f} | '
                           f'{total["nchw"] * 1e3:.2f} | {total["cl"] * 1e3:.2f} | '
-                          f'{vs_ours["nchw"]:.2f} | {vs_ours["cl"]:.2f} | {unfused} | {gfs:.1f} | '
+                          f'{vs_ours["nchw"]:.2f} | {vs_ours["cl"]:.2f} | {onednn} | {gfs:.1f} | '
                           f'{frac} |', flush=True)
     import os
     os.makedirs(osp.dirname(args.json) or '.', exist_ok=True)

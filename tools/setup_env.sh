@@ -69,5 +69,10 @@ root = os.environ['SLAK_ROOT']  # our configs inherit mmseg:: / mmdet:: bases (n
 Config.fromfile(f'{root}/configs/upernet_slak_t_ade20k.py'); Config.fromfile(f'{root}/configs/faster_rcnn_slak_t_fpn_1x_coco.py')
 print('[setup] ok: mmcv', mmcv.__version__, 'with ops; mmdet/mmseg/slak_mm import')
 PY
+# slak_mm's C++ CPU depthwise kernel is compiled on first use (~1 min) and cached by torch; build it here, where a
+# build error is visible. Without it CPU inference still runs (oneDNN, same results, slower), so only warn.
+log "building slak_mm's CPU depthwise kernel (first run only, ~1 min)"
+"$VENV/bin/python" -c "from slak_mm.ops.cpu_kernel import build_cpu_kernel as b; print('[setup] ok:', b().__name__)" \
+  || log "WARNING: the C++ CPU kernel did not build (see above); CPU inference will use oneDNN (slower)"
 echo "$want" > "$STAMP"
 log "done in $(( $(date +%s) - t0 )) s"

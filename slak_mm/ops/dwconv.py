@@ -10,7 +10,9 @@ Semantics are exactly ``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), gr
              accumulates into the sum inside its own convolution, see :func:`fused_sum_applies`). On CPU the
              weight gradient of a large kernel is computed by FFT cross-correlation when the cost model below
              predicts it is cheaper (oneDNN's depthwise weight-gradient runs at a few % of the GEMM rate); the
-             forward and input gradient stay direct.
+             forward and input gradient stay direct. In CPU float32 inference :func:`dwconv2d_sum` (and so
+             :func:`dwconv2d`) runs slak_mm's own C++ kernel instead of oneDNN (:mod:`.cpu_kernel`, built on first
+             use; ``SLAK_MM_CPU_KERNEL=0`` or ``cpu_fusions_disabled('dwconv_kernel')`` turn it off).
 ``'triton'`` the Triton kernels of :mod:`slak_mm.ops.triton_dwconv` (CUDA tensors; CPU tensors only under Triton's
              interpreter, ``TRITON_INTERPRET=1``, which the tests use).
 ``'auto'``   Triton for CUDA tensors when Triton is installed, the torch path otherwise (and while tracing/exporting).
@@ -241,6 +243,29 @@ def transposed_kernels(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> List
     return off if all(flags) else flags
 
 
+def _cpu_f32_inference(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
+    """CPU float32 with no gradient needed, no autocast, not tracing / exporting / compiling: where the CPU
+    inference fast paths (which have no backward and are opaque to exporters) may run."""
+    tensors = [x, *weights] + ([bias] if bias is not None else [])
+    if x.device.type != 'cpu' or x.numel() == 0:
+        return False
+    if any(t.dtype != torch.float32 for t in tensors) or torch.is_autocast_enabled('cpu'):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not (_exporting() or torch.compiler.is_compiling())
+
+
+def cpu_kernel_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`dwconv2d_sum` runs slak_mm's C++ CPU kernel (:mod:`slak_mm.ops.cpu_kernel`): CPU float32
+    inference (:func:`_cpu_f32_inference`), the ``'dwconv_kernel'`` switch on and the kernel built (on the first
+    call that gets this far)."""
+    if not (_cpu_f32_inference(x, weights, bias) and cpu_fusion_enabled('dwconv_kernel')):
+        return False
+    from .cpu_kernel import load_cpu_kernel
+    return load_cpu_kernel() is not None
+
+
 def fused_sum_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
     """Whether :func:`dwconv2d_sum` may accumulate its kernels through oneDNN's convolution + add post-op.
 
@@ -249,16 +274,8 @@ def fused_sum_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Op
     (:func:`slak_mm.ops.cpu_fusion.cpu_fusions_disabled`). Same products as the separate convolutions and add; only
     the order of the final additions may differ (float32 rounding).
     """
-    tensors = [x, *weights] + ([bias] if bias is not None else [])
-    if len(weights) < 2 or x.device.type != 'cpu' or x.numel() == 0:
-        return False
-    if any(t.dtype != torch.float32 for t in tensors) or torch.is_autocast_enabled('cpu'):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    if _exporting() or torch.compiler.is_compiling():
-        return False
-    return cpu_fusion_enabled('conv_add', '_convolution_pointwise')
+    return (len(weights) >= 2 and _cpu_f32_inference(x, weights, bias)
+            and cpu_fusion_enabled('conv_add', '_convolution_pointwise'))
 
 
 def _fused_dwconv_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -356,6 +373,10 @@ def dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optiona
         from .triton_dwconv import dwconv_branches
         x, (b, *ws) = _autocast(x, [bias, *weights])
         return dwconv_branches(x, ws, b, sum_outputs=True)
+    if cpu_kernel_applies(x, weights, bias):
+        from .cpu_kernel import cpu_dwconv_sum
+        h, w = x.shape[2:]
+        return cpu_dwconv_sum(_channels_last(x), [clip_to_input(k, h, w) for k in weights], bias)
     if fused_sum_applies(x, weights, bias):
         return _fused_dwconv_sum(x, weights, bias)
     outs = _torch_dwconvs(x, weights, bias, allow_transpose=True)

@@ -1,0 +1,67 @@
+"""slak_mm's C++ CPU kernel for :func:`slak_mm.ops.dwconv2d_sum` in float32 inference (``csrc/dwconv_cpu.cpp``).
+
+It packs each block of 16 channels into an aligned, zero-padded buffer and runs register-tiled multiply-adds, a wide
+kernel along rows and a tall one down columns, so SLaK's long bands run without oneDNN's misaligned loads (SLaK's
+channel counts are not multiples of 16) or the transposed copies of the tall band (docs/benchmarks.md, "C++ CPU
+kernel"). Products are F.conv2d's; only the order of the additions differs (float32 rounding).
+
+Built on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler is needed; `make setup` builds it once),
+cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), one build per instruction set
+(named after ``torch.backends.cpu.get_cpu_capability()``), so machines of different CPUs sharing a home directory
+do not share a binary. Where it cannot be built, :func:`load_cpu_kernel` warns once, naming the fix, and the oneDNN
+path runs instead: same results to float32 rounding, only slower. ``SLAK_MM_CPU_KERNEL=0`` turns it off (no build,
+no warning); :func:`slak_mm.ops.cpu_fusion.cpu_fusions_disabled` ``('dwconv_kernel')`` does so for a block of code.
+"""
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+from typing import List, Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name('csrc') / 'dwconv_cpu.cpp'
+# Instruction-set flags per torch CPU capability; anything else builds for the compiler's default target.
+ISA_FLAGS = {'AVX512': ['-mavx512f', '-mavx512dq', '-mavx512bw', '-mavx512vl', '-mfma', '-mavx2'],
+             'AVX2': ['-mavx2', '-mfma']}
+ENV_SWITCH = 'SLAK_MM_CPU_KERNEL'
+
+
+def cpu_kernel_wanted() -> bool:
+    """False when the user turned the kernel off with ``SLAK_MM_CPU_KERNEL=0``."""
+    return os.environ.get(ENV_SWITCH, '1').strip().lower() not in ('0', 'false', 'no', 'off')
+
+
+def build_name() -> str:
+    """Extension name: one per instruction set, so a shared cache never hands one CPU another's binary."""
+    return f'slak_mm_dwconv_cpu_{torch.backends.cpu.get_cpu_capability().lower()}'
+
+
+def build_cpu_kernel(verbose: bool = False) -> ModuleType:
+    """Compile (or load the cached build of) the kernel; raises whatever the build raises."""
+    from torch.utils.cpp_extension import load
+    flags = ['-O3', '-ffp-contract=fast', '-fopenmp', *ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
+    return load(build_name(), [str(SOURCE)], extra_cflags=flags, extra_ldflags=['-fopenmp'], verbose=verbose)
+
+
+@lru_cache(maxsize=None)
+def load_cpu_kernel() -> Optional[ModuleType]:
+    """The built kernel, or None (with one warning naming the fix) if it cannot be built here."""
+    if not cpu_kernel_wanted():
+        return None
+    try:
+        return build_cpu_kernel()
+    except Exception as err:  # no compiler, no headers, ...: the oneDNN path still gives the same results
+        warnings.warn(f'slak_mm: could not build the C++ CPU depthwise kernel ({type(err).__name__}: '
+                      f'{str(err).strip()[-300:]}). CPU inference falls back to oneDNN: same results, slower. '
+                      f'Install a C++ compiler (e.g. g++) to build it, or set {ENV_SWITCH}=0 to silence this.',
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+def cpu_dwconv_sum(x: torch.Tensor, weights: List[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``bias + sum_k conv2d(x, weights[k])`` ('same' padding, depthwise) with the C++ kernel. ``x`` float32
+    channels_last on the CPU, kernels already clipped to the map; call only where :func:`load_cpu_kernel` is not
+    None. Returns a channels_last tensor."""
+    return load_cpu_kernel().dwconv_sum(x, weights, bias)

@@ -1,0 +1,175 @@
+"""slak_mm's C++ CPU kernel for dwconv2d_sum in float32 inference (slak_mm/ops/csrc/dwconv_cpu.cpp).
+
+Every result is compared with a float64 F.conv2d sum (independent reference), tolerance 1e-5 of the output's largest
+magnitude (float32 accumulation over up to ~520 taps). The kernel is built on first use; on this project's machines
+(and CI) a C++ compiler is present, so a failed build fails these tests rather than skipping them.
+"""
+import warnings
+
+import pytest
+import torch
+
+from slak_mm.ops import dwconv2d, dwconv2d_sum
+from slak_mm.ops import cpu_kernel
+from slak_mm.ops.cpu_fusion import cpu_fusions_disabled
+from slak_mm.ops.dwconv import cpu_kernel_applies
+
+from dwconv_cases import float64_sum, random_unit
+
+
+def _close(out, ref):
+    return (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls that reach the C++ kernel."""
+    calls = []
+    real = cpu_kernel.cpu_dwconv_sum
+
+    def spy(x, weights, bias):
+        calls.append([tuple(w.shape[2:]) for w in weights])
+        return real(x, weights, bias)
+    monkeypatch.setattr(cpu_kernel, 'cpu_dwconv_sum', spy)
+    return calls
+
+
+def test_kernel_builds_here():
+    assert cpu_kernel.load_cpu_kernel() is not None, 'the C++ CPU kernel did not build (is g++ installed?)'
+
+
+@pytest.mark.parametrize('shape,kernels', [
+    ((1, 124, 32, 32), [(51, 5), (5, 51)]),          # SLaK-T stage-0 width (not a multiple of 16), bands clipped
+    ((2, 16, 12, 20), [(9, 3), (3, 9), (5, 5)]),      # exact channel block, batch 2, three kernels
+    ((3, 17, 9, 13), [(7, 3), (3, 11)]),              # one full block + a 1-channel tail, non-square map
+    ((1, 5, 3, 2), [(5, 3)]),                         # fewer channels than a block, map smaller than the kernel
+    ((2, 33, 1, 1), [(1, 1), (3, 3)]),                # 1×1 map
+    ((1, 40, 21, 7), [(13, 5), (5, 13)]),             # tall band on a narrow map (column tiles past the last row)
+    ((1, 8, 30, 19), [(15, 15)]),                     # square kernel
+    ((2, 998, 7, 7), [(13, 5), (5, 13)])])            # SLaK-T stage 3 at 224
+@pytest.mark.parametrize('with_bias', [True, False])
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_kernel_matches_float64_conv(shape, kernels, with_bias, channels_last, kernel_calls):
+    x, ws, b = random_unit(shape, kernels, with_bias, channels_last)
+    x0 = x.clone()
+    with torch.no_grad():
+        out = dwconv2d_sum(x, ws, b)
+    assert len(kernel_calls) == 1
+    h, w = shape[2:]  # taps that only see zero padding are dropped before the kernel runs
+    assert kernel_calls[0] == [(min(k[0], 2 * h - 1), min(k[1], 2 * w - 1)) for k in kernels]
+    assert out.shape == shape and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, x0)
+    assert _close(out, float64_sum(x, ws, b))
+
+
+def test_kernel_takes_strided_inputs_and_channels_last_weights(kernel_calls):
+    torch.manual_seed(1)
+    x = torch.randn(2, 24, 20, 31)[:, 3:22, :, 5:]  # 19 channels, non-contiguous
+    ws = [torch.randn(19, 1, 11, 3).contiguous(memory_format=torch.channels_last), torch.randn(19, 1, 3, 11)]
+    with torch.no_grad():
+        out = dwconv2d(x, ws[0]) + dwconv2d_sum(x, ws[1:])
+    assert len(kernel_calls) == 2
+    assert _close(out, float64_sum(x, ws, None))
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    torch.manual_seed(2)
+    x = torch.randn(2, 70, 24, 24).contiguous(memory_format=torch.channels_last)
+    ws = [torch.randn(70, 1, 21, 5), torch.randn(70, 1, 5, 21)]
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = dwconv2d_sum(x, ws)
+            torch.set_num_threads(max(2, threads))
+            many = dwconv2d_sum(x, ws)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)  # each job owns its channels: no reduction across threads
+
+
+def test_kernel_runs_only_for_float32_inference(kernel_calls):
+    x = torch.randn(1, 6, 10, 10)
+    ws = [torch.randn(6, 1, 7, 3), torch.randn(6, 1, 3, 7)]
+    with torch.no_grad():
+        assert cpu_kernel_applies(x, ws, None)
+        assert not cpu_kernel_applies(x.double(), [w.double() for w in ws], None)
+        assert not cpu_kernel_applies(x.bfloat16(), [w.bfloat16() for w in ws], None)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert not cpu_kernel_applies(x, ws, None)
+        with cpu_fusions_disabled('dwconv_kernel'):
+            assert not cpu_kernel_applies(x, ws, None)
+        with cpu_fusions_disabled('conv_add'):  # a oneDNN fusion: does not concern the kernel
+            assert cpu_kernel_applies(x, ws, None)
+    trained = [w.clone().requires_grad_() for w in ws]
+    assert not cpu_kernel_applies(x, trained, None)  # the kernel has no backward: training keeps the torch path
+    out = dwconv2d_sum(x, trained)
+    out.sum().backward()
+    assert all(w.grad is not None for w in trained) and not kernel_calls
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)
+        # check_trace=False: the trace check re-runs the function untraced, where the kernel may run
+        graph = str(torch.jit.trace(lambda a: dwconv2d_sum(a, ws), x, check_trace=False).graph)
+    assert 'aten::_convolution' in graph and not kernel_calls  # traced / exported graphs stay portable
+
+
+def test_switching_the_kernel_off_gives_the_onednn_path_and_the_same_result(kernel_calls):
+    torch.manual_seed(3)
+    x = torch.randn(1, 20, 40, 36).contiguous(memory_format=torch.channels_last)
+    ws, b = [torch.randn(20, 1, 31, 5) / 8, torch.randn(20, 1, 5, 31) / 8], torch.randn(20)
+    with torch.no_grad():
+        ours = dwconv2d_sum(x, ws, b)
+        with cpu_fusions_disabled('dwconv_kernel'):
+            onednn = dwconv2d_sum(x, ws, b)
+    assert len(kernel_calls) == 1
+    ref = float64_sum(x, ws, b)
+    assert _close(ours, ref) and _close(onednn, ref)
+
+
+def test_env_switch_and_failed_build_fall_back_with_one_clear_warning(monkeypatch):
+    x = torch.randn(1, 6, 10, 10)
+    ws = [torch.randn(6, 1, 7, 3), torch.randn(6, 1, 3, 7)]
+    ref = float64_sum(x, ws, None)
+    try:
+        cpu_kernel.load_cpu_kernel.cache_clear()
+        monkeypatch.setenv('SLAK_MM_CPU_KERNEL', '0')
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')  # switched off: no build, no warning
+            with torch.no_grad():
+                assert not cpu_kernel_applies(x, ws, None)
+                assert _close(dwconv2d_sum(x, ws), ref)
+
+        cpu_kernel.load_cpu_kernel.cache_clear()
+        monkeypatch.delenv('SLAK_MM_CPU_KERNEL')
+
+        def no_compiler(verbose=False):
+            raise RuntimeError('Error building extension: g++: command not found')
+        monkeypatch.setattr(cpu_kernel, 'build_cpu_kernel', no_compiler)
+        with pytest.warns(RuntimeWarning, match='C\\+\\+ CPU depthwise kernel.*g\\+\\+: command not found.*'
+                                                'falls back to oneDNN: same results.*SLAK_MM_CPU_KERNEL=0') as rec:
+            with torch.no_grad():
+                out1 = dwconv2d_sum(x, ws)
+                out2 = dwconv2d_sum(x, ws)
+        assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1  # once, not per call
+        assert _close(out1, ref) and torch.equal(out1, out2)
+    finally:
+        cpu_kernel.load_cpu_kernel.cache_clear()  # the next test builds / loads the real kernel again
+
+
+def test_kernel_rejects_what_it_cannot_compute():
+    x = torch.randn(1, 4, 8, 8)
+    w = torch.randn(4, 1, 3, 3)
+    with pytest.raises(RuntimeError, match='channels_last'):
+        cpu_kernel.cpu_dwconv_sum(x, [w], None)  # internal entry: the caller converts the layout
+    xc = x.contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match='odd kh and kw'):
+        cpu_kernel.cpu_dwconv_sum(xc, [torch.randn(4, 1, 4, 3)], None)
+    with pytest.raises(RuntimeError, match='float32'):
+        cpu_kernel.cpu_dwconv_sum(xc.double(), [w.double()], None)
+
+
+def test_build_name_is_per_instruction_set():
+    name = cpu_kernel.build_name()
+    assert name.startswith('slak_mm_dwconv_cpu_')
+    assert name.endswith(torch.backends.cpu.get_cpu_capability().lower())
