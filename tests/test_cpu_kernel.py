@@ -127,6 +127,17 @@ def test_switching_the_kernel_off_gives_the_onednn_path_and_the_same_result(kern
     assert _close(ours, ref) and _close(onednn, ref)
 
 
+def test_kernel_time_shows_in_the_profiler():
+    # a pybind call is invisible to torch.profiler; the kernel names itself so profiles still add up
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(1, 6, 12, 12)
+    ws = [torch.randn(6, 1, 7, 3), torch.randn(6, 1, 3, 7)]
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        dwconv2d_sum(x, ws)
+    names = [e.name for e in prof.events()]
+    assert names.count('slak_mm::dwconv_cpu') == 1 and 'aten::mkldnn_convolution' not in names
+
+
 def test_env_switch_and_failed_build_fall_back_with_one_clear_warning(monkeypatch):
     x = torch.randn(1, 6, 10, 10)
     ws = [torch.randn(6, 1, 7, 3), torch.randn(6, 1, 3, 7)]

@@ -63,5 +63,6 @@ def load_cpu_kernel() -> Optional[ModuleType]:
 def cpu_dwconv_sum(x: torch.Tensor, weights: List[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``bias + sum_k conv2d(x, weights[k])`` ('same' padding, depthwise) with the C++ kernel. ``x`` float32
     channels_last on the CPU, kernels already clipped to the map; call only where :func:`load_cpu_kernel` is not
-    None. Returns a channels_last tensor."""
-    return load_cpu_kernel().dwconv_sum(x, weights, bias)
+    None. Returns a channels_last tensor. Shows in ``torch.profiler`` as ``slak_mm::dwconv_cpu``."""
+    with torch.profiler.record_function('slak_mm::dwconv_cpu'):
+        return load_cpu_kernel().dwconv_sum(x, weights, bias)
