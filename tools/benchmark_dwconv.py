@@ -16,7 +16,9 @@ two bands (M×N with the N×N kernel in its centre, N×M) plus a bias, summed, g
   onednn     (eval_sum, CPU) ours with the C++ kernel off: oneDNN channels_last, the tall band run as a wide one
              over the transposed map, the second band accumulated inside its convolution (sum post-op)
 and reports GF/s (dense MACs, 3× for forward+backward, 2·M·N per output for eval_sum) and the fraction of this
-machine's fp32 GEMM rate measured in the same run; the nchw/ours and cl/ours speed-ups are medians of per-repeat
+machine's fp32 GEMM rate: a 1024³ GEMM is timed in every repeat, in the same shuffled round as the unit, and the
+fraction is the median of the per-repeat rate ratios (one GEMM figure at the start of a run moved by up to 1.5×
+between runs on a shared VM); the nchw/ours and cl/ours speed-ups are medians of per-repeat
 ratios (each repeat times all three back to back). Prints a markdown table and writes JSON with the device name.
 """
 import argparse
@@ -36,6 +38,7 @@ from slak_mm.ops import dwconv2d_branches, dwconv2d_sum  # noqa: E402
 from slak_mm.ops.cpu_fusion import cpu_fusions_disabled  # noqa: E402
 
 SHORT = 5
+GEMM_N = 1024  # the fp32 GEMM timed next to the unit in every repeat (% GEMM column)
 
 
 PHASES = ('forward', 'input_grad', 'weight_grad', 'fwd_bwd', 'eval_sum')
@@ -114,7 +117,8 @@ def main() -> None:
     dtypes = args.dtypes or (['float32'] if device.type == 'cpu' else ['float32', 'bfloat16', 'float16'])
     gemm = gemm_gflops(device)
     dev = device_name(device)
-    print(f'device: {dev}; fp32 GEMM (2048^3) in this run: {gemm:.1f} GF/s')
+    ga, gb = torch.randn(GEMM_N, GEMM_N, device=device), torch.randn(GEMM_N, GEMM_N, device=device)
+    print(f'device: {dev}; fp32 GEMM (2048^3) at the start of this run: {gemm:.1f} GF/s')
     rows = []
     print('| input | stage | B×C×H×W | dtype | phase | unit ours (ms) | nchw (ms) | cl (ms) | nchw/ours | cl/ours '
           '| onednn/ours | ours GF/s | % GEMM |')
@@ -132,16 +136,22 @@ def main() -> None:
                 macs = batch * c * h * w * sum(k.shape[2] * k.shape[3] for k in kernels)
                 macs_eval = batch * c * h * w * 2 * m * SHORT
                 for phase in args.phases:
-                    samples = time_interleaved_samples(make_fns(x, kernels, phase), device, args.repeats)
+                    fns = make_fns(x, kernels, phase)
+                    if dt == 'float32':  # the GEMM rate, timed in every repeat next to the unit (see the docstring)
+                        fns['gemm'] = lambda: ga @ gb
+                    samples = time_interleaved_samples(fns, device, args.repeats)
                     total = medians(samples)
-                    vs_ours = {k: paired_ratio(samples, k, 'ours')[0] for k in samples if k != 'ours'}
+                    vs_ours = {k: paired_ratio(samples, k, 'ours')[0] for k in samples if k not in ('ours', 'gemm')}
                     work = macs_eval if phase == 'eval_sum' else macs * (3 if phase == 'fwd_bwd' else 1)
                     gfs = 2 * work / total['ours'] / 1e9
+                    # per repeat: (unit GF/s) / (GEMM GF/s) = work / GEMM work * t_gemm / t_ours
+                    frac_gemm = (work / GEMM_N ** 3 * paired_ratio(samples, 'gemm', 'ours')[0]
+                                 if dt == 'float32' else None)
                     row = dict(input=size, stage=si, shape=[batch, c, h, w], dtype=dt, phase=phase,
                                ms={k: v * 1e3 for k, v in total.items()}, speedup_vs=vs_ours, gflops_ours=gfs,
-                               frac_gemm=gfs / gemm if dt == 'float32' else None)
+                               frac_gemm=frac_gemm)
                     rows.append(row)
-                    frac = f'{100 * gfs / gemm:.0f}%' if dt == 'float32' else '–'
+                    frac = f'{100 * frac_gemm:.0f}%' if dt == 'float32' else '–'
                     onednn = f'{vs_ours["onednn"]:.2f}' if 'onednn' in vs_ours else '–'
                     print(f'| {size} | {si} | {batch}×{c}×{h}×{w} | {dt} | {phase} | {total["ours"] * 1e3:.2f} | '
                           f'{total["nchw"] * 1e3:.2f} | {total["cl"] * 1e3:.2f} | '

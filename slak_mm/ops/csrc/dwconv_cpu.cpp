@@ -27,6 +27,9 @@ typedef int v16i __attribute__((vector_size(64), aligned(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));  // unaligned access to x and out
 constexpr int L = 16;  // channels per job (one vector)
 constexpr int R = 8;   // outputs per register tile
+// Pixels ahead to prefetch when packing x and writing the output: each job touches only 64 of every C·4 bytes
+// of a pixel, a stride the hardware prefetchers do not hide (measured: 4-15% faster at SLaK-T's shapes).
+constexpr int kPrefetch = 64;
 
 struct Buffer {  // per-thread scratch, grown on demand, 64-byte aligned
   float* p = nullptr;
@@ -129,6 +132,8 @@ void run(const float* x, float* out, const std::vector<const float*>& ws, const 
         float* d = prow + static_cast<size_t>(PL) * L;
         const bool last_row = b + 1 == B && a - PT + 1 == static_cast<size_t>(H);
         for (int c = 0; c < W; ++c, d += L, src += C) {
+          __builtin_prefetch(src + kPrefetch * C);  // never faults, even past the end of x
+          __builtin_prefetch(src + kPrefetch * C + L - 1);
           if (nc == L) {
             *reinterpret_cast<v16*>(d) = *reinterpret_cast<const v16u*>(src);
           } else if (!last_row || c + 1 < W) {  // a full-vector read stays inside x
@@ -181,7 +186,11 @@ void run(const float* x, float* out, const std::vector<const float*>& ws, const 
           float* o = ob + static_cast<size_t>(a0 + r) * W * C;
           const v16* src = A + static_cast<size_t>(r) * Wr;
           if (nc == L) {
-            for (int c = 0; c < W; ++c) *reinterpret_cast<v16u*>(o + static_cast<size_t>(c) * C) = src[c];
+            for (int c = 0; c < W; ++c) {
+              __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C, 1);
+              __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C + L - 1, 1);
+              *reinterpret_cast<v16u*>(o + static_cast<size_t>(c) * C) = src[c];
+            }
           } else {
             for (int c = 0; c < W; ++c)
               for (int l = 0; l < nc; ++l) o[static_cast<size_t>(c) * C + l] = src[c][l];
