@@ -44,7 +44,8 @@ def test_kernel_builds_here():
     ((3, 17, 9, 13), [(7, 3), (3, 11)]),              # one full block + a 1-channel tail, non-square map
     ((1, 5, 3, 2), [(5, 3)]),                         # fewer channels than a block, map smaller than the kernel
     ((2, 33, 1, 1), [(1, 1), (3, 3)]),                # 1×1 map
-    ((1, 40, 21, 7), [(13, 5), (5, 13)]),             # tall band on a narrow map (column tiles past the last row)
+    ((1, 40, 21, 7), [(13, 5), (5, 13)]),             # tall band on a narrow map (one partial tile per row)
+    ((1, 20, 11, 45), [(21, 3), (3, 33), (1, 1)]),    # kernels of three widths, width not a multiple of 8
     ((1, 8, 30, 19), [(15, 15)]),                     # square kernel
     ((2, 998, 7, 7), [(13, 5), (5, 13)])])            # SLaK-T stage 3 at 224
 @pytest.mark.parametrize('with_bias', [True, False])
@@ -87,6 +88,24 @@ def test_results_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)  # each job owns its channels: no reduction across threads
+
+
+def test_reused_buffers_are_repadded_when_the_geometry_changes():
+    # Each thread keeps its packing buffer and zeroes the padding only when the map geometry changes. On one thread
+    # every call reuses the same buffer: the second geometry writes map values where the first one's padding was,
+    # so the third call (the first geometry again) is wrong unless the padding is zeroed again.
+    cases = [random_unit((1, 16, 10, 30), [(5, 21), (9, 3)], True, True, seed=1),
+             random_unit((1, 16, 20, 14), [(5, 5)], True, True, seed=2),
+             random_unit((1, 16, 10, 30), [(5, 21), (9, 3)], True, True, seed=3),
+             random_unit((1, 16, 10, 30), [(5, 13)], True, True, seed=4)]  # same map, narrower padding
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            for x, ws, b in cases:
+                assert _close(dwconv2d_sum(x, ws, b), float64_sum(x, ws, b))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_kernel_runs_only_for_float32_inference(kernel_calls):

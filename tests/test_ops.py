@@ -290,3 +290,18 @@ def test_dwconv_benchmark_compares_equal_computations(phase):
     for name in set(outs) - {'nchw'}:
         for a, b in zip(outs[name] if phase == 'forward' else [outs[name]], ref if phase == 'forward' else [ref]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_dwconv_benchmark_counts_in_map_work():
+    # The benchmark's '% GEMM (in-map)' divides by the multiply-adds whose tap lands inside the map. Independent
+    # count: a depthwise conv of an all-ones map with an all-ones kernel (zero padding) gives, at each output, the
+    # number of its taps inside the map.
+    import os.path as osp
+    import sys
+    sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
+    import benchmark_dwconv
+    for (h, w), shapes in [((7, 7), [(13, 5), (5, 13)]), ((16, 9), [(51, 5), (5, 51), (5, 5)]), ((3, 40), [(1, 1)])]:
+        ref = sum(F.conv2d(torch.ones(1, 1, h, w, dtype=torch.float64), torch.ones(1, 1, kh, kw, dtype=torch.float64),
+                           padding=(kh // 2, kw // 2)).sum().item() for kh, kw in shapes)
+        assert benchmark_dwconv.in_map_macs(2, 3, h, w, shapes) == 2 * 3 * ref
+        assert ref < h * w * sum(kh * kw for kh, kw in shapes) or shapes == [(1, 1)]  # padding taps are not counted

@@ -18,7 +18,10 @@ two bands (M×N with the N×N kernel in its centre, N×M) plus a bias, summed, g
 and reports GF/s (dense MACs, 3× for forward+backward, 2·M·N per output for eval_sum) and the fraction of this
 machine's fp32 GEMM rate: a 1024³ GEMM is timed in every repeat, in the same shuffled round as the unit, and the
 fraction is the median of the per-repeat rate ratios (one GEMM figure at the start of a run moved by up to 1.5×
-between runs on a shared VM); the nchw/ours and cl/ours speed-ups are medians of per-repeat
+between runs on a shared VM). The fraction is given twice: for the dense MACs (every tap of every output, as if the
+map were infinite; an implementation that skips taps in the zero padding can pass 100% on small maps) and for the
+in-map MACs (only the taps that land inside the map: the work any exact implementation must do, so 100% means
+running that work at the GEMM's rate). The nchw/ours and cl/ours speed-ups are medians of per-repeat
 ratios (each repeat times all three back to back). Prints a markdown table and writes JSON with the device name.
 """
 import argparse
@@ -48,6 +51,17 @@ def folded_bands(kernels):
     """(M×N with the N×N kernel added into its centre, N×M): the two bands of the BN-folded / deployed unit."""
     tall, wide, small = kernels
     return [tall + pad_kernel(small, *tall.shape[2:]), wide]
+
+
+def in_map_taps(size: int, k: int) -> int:
+    """Sum over the ``size`` output positions of one dimension of the taps (of ``k``, 'same' padding) that land
+    inside the map."""
+    return sum(min(o + k // 2, size - 1) - max(o - k // 2, 0) + 1 for o in range(size))
+
+
+def in_map_macs(batch: int, c: int, h: int, w: int, kernel_shapes) -> int:
+    """Multiply-adds of depthwise kernels of ``kernel_shapes`` whose input lands inside an h×w map."""
+    return batch * c * sum(in_map_taps(h, kh) * in_map_taps(w, kw) for kh, kw in kernel_shapes)
 
 
 def make_fns(x: torch.Tensor, kernels, phase: str):
@@ -121,8 +135,8 @@ def main() -> None:
     print(f'device: {dev}; fp32 GEMM (2048^3) at the start of this run: {gemm:.1f} GF/s')
     rows = []
     print('| input | stage | B×C×H×W | dtype | phase | unit ours (ms) | nchw (ms) | cl (ms) | nchw/ours | cl/ours '
-          '| onednn/ours | ours GF/s | % GEMM |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+          '| onednn/ours | ours GF/s | % GEMM (dense) | % GEMM (in-map) |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
     for h_in, w_in in sizes:
         size = size_label((h_in, w_in))
         batch = args.batch or ((8 if h_in <= 224 else 1) if device.type == 'cpu' else gpu_batch(h_in, w_in))
@@ -135,6 +149,8 @@ def main() -> None:
                            for k in ((m, SHORT), (SHORT, m), (SHORT, SHORT))]
                 macs = batch * c * h * w * sum(k.shape[2] * k.shape[3] for k in kernels)
                 macs_eval = batch * c * h * w * 2 * m * SHORT
+                inmap = in_map_macs(batch, c, h, w, [k.shape[2:] for k in kernels])
+                inmap_eval = in_map_macs(batch, c, h, w, [(m, SHORT), (SHORT, m)])  # the folded bands
                 for phase in args.phases:
                     fns = make_fns(x, kernels, phase)
                     if dt == 'float32':  # the GEMM rate, timed in every repeat next to the unit (see the docstring)
@@ -142,16 +158,21 @@ def main() -> None:
                     samples = time_interleaved_samples(fns, device, args.repeats)
                     total = medians(samples)
                     vs_ours = {k: paired_ratio(samples, k, 'ours')[0] for k in samples if k not in ('ours', 'gemm')}
-                    work = macs_eval if phase == 'eval_sum' else macs * (3 if phase == 'fwd_bwd' else 1)
+                    times = 3 if phase == 'fwd_bwd' else 1
+                    work = macs_eval if phase == 'eval_sum' else macs * times
+                    work_in_map = inmap_eval if phase == 'eval_sum' else inmap * times
                     gfs = 2 * work / total['ours'] / 1e9
                     # per repeat: (unit GF/s) / (GEMM GF/s) = work / GEMM work * t_gemm / t_ours
-                    frac_gemm = (work / GEMM_N ** 3 * paired_ratio(samples, 'gemm', 'ours')[0]
-                                 if dt == 'float32' else None)
+                    gemm_ratio = paired_ratio(samples, 'gemm', 'ours')[0] if dt == 'float32' else None
+                    frac_gemm = work / GEMM_N ** 3 * gemm_ratio if gemm_ratio else None
+                    frac_in_map = work_in_map / GEMM_N ** 3 * gemm_ratio if gemm_ratio else None
                     row = dict(input=size, stage=si, shape=[batch, c, h, w], dtype=dt, phase=phase,
                                ms={k: v * 1e3 for k, v in total.items()}, speedup_vs=vs_ours, gflops_ours=gfs,
-                               frac_gemm=frac_gemm)
+                               frac_gemm=frac_gemm, frac_gemm_in_map=frac_in_map, macs=work,
+                               macs_in_map=work_in_map)
                     rows.append(row)
-                    frac = f'{100 * frac_gemm:.0f}%' if dt == 'float32' else '–'
+                    frac = (f'{100 * frac_gemm:.0f}% | {100 * frac_in_map:.0f}%' if dt == 'float32'
+                            else '– | –')
                     onednn = f'{vs_ours["onednn"]:.2f}' if 'onednn' in vs_ours else '–'
                     print(f'| {size} | {si} | {batch}×{c}×{h}×{w} | {dt} | {phase} | {total["ours"] * 1e3:.2f} | '
                           f'{total["nchw"] * 1e3:.2f} | {total["cl"] * 1e3:.2f} | '

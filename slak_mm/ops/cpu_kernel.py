@@ -1,9 +1,9 @@
 """slak_mm's C++ CPU kernel for :func:`slak_mm.ops.dwconv2d_sum` in float32 inference (``csrc/dwconv_cpu.cpp``).
 
-It packs each block of 16 channels into an aligned, zero-padded buffer and runs register-tiled multiply-adds, a wide
-kernel along rows and a tall one down columns, so SLaK's long bands run without oneDNN's misaligned loads (SLaK's
-channel counts are not multiples of 16) or the transposed copies of the tall band (docs/benchmarks.md, "C++ CPU
-kernel"). Products are F.conv2d's; only the order of the additions differs (float32 rounding).
+It packs each block of 16 channels into an aligned, zero-padded buffer and runs every kernel as register tiles of 8
+outputs along a row, each tile skipping the taps that only reach zero padding, so SLaK's long bands run without
+oneDNN's misaligned loads (SLaK's channel counts are not multiples of 16), the transposed copies of the tall band, or
+the work of taps in the padding (docs/benchmarks.md, "C++ CPU kernel"). Products are F.conv2d's; only the order of the additions differs (float32 rounding).
 
 Built on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler is needed; `make setup` builds it once),
 cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), one build per instruction set

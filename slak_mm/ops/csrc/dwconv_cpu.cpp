@@ -5,11 +5,13 @@
 // mostly because SLaK's channel counts (124, 249, 499, 998) make every 16-float vector load straddle cache lines,
 // and because it re-loads inputs down a kernel column (docs/benchmarks.md). Here each job takes one block of 16
 // channels of one image and
-//   1. packs it into an aligned, zero-padded buffer P[rows][cols][16] (one read of x; no boundary tests later);
-//   2. computes the output R rows at a time into an aligned scratch A[R][W][16] (starting from the bias), every
-//      kernel adding into it: a wide kernel (kw >= kh) as tiles of R outputs along a row, a tall one as tiles of R
-//      outputs down a column whose R input rows stay in registers (one load per tap);
-//   3. writes A to the output once.
+//   1. packs it into an aligned buffer P[H][cols][16], zero-padded left and right (one read of x; no boundary tests
+//      later; the padding is zeroed once per thread and map geometry, later jobs only overwrite the map);
+//   2. computes the output one row at a time into an aligned scratch A[W][16] (starting from the bias), every
+//      kernel adding into it as register tiles of R outputs along the row; each tile runs only the taps that reach
+//      the map for at least one of its outputs (taps entirely in the padding are skipped);
+//   3. writes the row once.
+// Kernels are re-laid out once per call as K[block][i][j][16].
 // The vectors are GCC/Clang vector extensions, so the same source compiles to AVX-512, AVX2 or SSE (the loader
 // passes the ISA flags). Products are the same as F.conv2d's; only the order of the additions differs.
 #include <torch/extension.h>
@@ -26,7 +28,7 @@ typedef float v16 __attribute__((vector_size(64), aligned(64)));
 typedef int v16i __attribute__((vector_size(64), aligned(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));  // unaligned access to x and out
 constexpr int L = 16;  // channels per job (one vector)
-constexpr int R = 8;   // outputs per register tile
+constexpr int R = 8;   // outputs per register tile (along a row)
 // Pixels ahead to prefetch when packing x and writing the output: each job touches only 64 of every C·4 bytes
 // of a pixel, a stride the hardware prefetchers do not hide (measured: 4-15% faster at SLaK-T's shapes).
 constexpr int kPrefetch = 64;
@@ -50,42 +52,18 @@ struct Buffer {  // per-thread scratch, grown on demand, 64-byte aligned
   ~Buffer() { std::free(p); }
 };
 
-// R outputs along a row: acc[r] += sum_ij P[i][j + r] * K[i][j]
-inline void tile_row(const float* P, size_t cols, const float* K, int kh, int kw, v16* acc) {
+// R outputs along a row: acc[r] += sum_ij P[i][j + r] * K[i][j] over taps i in [0, kh), j in [j0, j1) (the caller
+// leaves out the taps that only reach the zero padding for every output of the tile)
+inline void tile_row(const float* P, size_t cols, const float* K, int kw, int kh, int j0, int j1, v16* acc) {
   v16 a[R];
   for (int r = 0; r < R; ++r) a[r] = acc[r];
   for (int i = 0; i < kh; ++i) {
     const float* k = K + static_cast<size_t>(i) * kw * L;
     const float* p = P + static_cast<size_t>(i) * cols * L;
-    for (int j = 0; j < kw; ++j) {
+    for (int j = j0; j < j1; ++j) {
       const v16 w = *reinterpret_cast<const v16*>(k + j * L);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) a[r] += *reinterpret_cast<const v16*>(p + (j + r) * L) * w;
-    }
-  }
-  for (int r = 0; r < R; ++r) acc[r] = a[r];
-}
-
-// R outputs down a column: acc[r] += sum_ij P[i + r][j] * K[i][j], kh a multiple of R (kernel rows zero-padded).
-// The R input rows in use are kept in registers and replaced one per tap (circular window), so each tap costs
-// one input load and one weight load for R multiply-adds.
-inline void tile_col(const float* P, size_t cols, const float* K, int kh, int kw, v16* acc) {
-  v16 a[R];
-  for (int r = 0; r < R; ++r) a[r] = acc[r];
-  const size_t stride = cols * L;
-  for (int j = 0; j < kw; ++j) {
-    const float* p = P + static_cast<size_t>(j) * L;
-    v16 win[R];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) win[r] = *reinterpret_cast<const v16*>(p + r * stride);
-    for (int i = 0; i < kh; i += R) {
-#pragma GCC unroll 16
-      for (int u = 0; u < R; ++u) {
-        const v16 w = *reinterpret_cast<const v16*>(K + (static_cast<size_t>(i + u) * kw + j) * L);
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) a[r] += win[(u + r) % R] * w;
-        win[u] = *reinterpret_cast<const v16*>(p + (i + u + R) * stride);
-      }
     }
   }
   for (int r = 0; r < R; ++r) acc[r] = a[r];
@@ -96,21 +74,37 @@ inline int round_up(int n, int m) { return (n + m - 1) / m * m; }
 void run(const float* x, float* out, const std::vector<const float*>& ws, const std::vector<int>& khs,
          const std::vector<int>& kws, const float* bias, int B, int C, int H, int W) {
   const int nb = (C + L - 1) / L, nk = static_cast<int>(ws.size());
-  int PT = 0, PL = 0;  // padding of the packed map: enough for every kernel
-  for (int k = 0; k < nk; ++k) {
-    PT = std::max(PT, khs[k] / 2);
-    PL = std::max(PL, kws[k] / 2);
-  }
+  // left / right padding of the packed map, enough for every kernel; no padding rows, because no tap that reads
+  // above or below the map is run
+  int PL = 0;
+  for (int k = 0; k < nk; ++k) PL = std::max(PL, kws[k] / 2);
   const int Wr = round_up(W, R);
-  // rows: column tiles of the last row block read up to R rows past the map plus the zero-padded kernel rows
-  const size_t rows = round_up(H, R) + 2 * PT + 2 * R, cols = Wr + 2 * PL;
-  std::vector<int> kh_tiles(nk);
-  for (int k = 0; k < nk; ++k) kh_tiles[k] = kws[k] >= khs[k] ? khs[k] : round_up(khs[k], R);
+  const size_t cols = Wr + 2 * PL;
+
+  // kernels as K[block][k][i][j][16] (lanes past the last channel zero), once per call
+  std::vector<size_t> koff(nk);
+  size_t kblock = 0;
+  for (int k = 0; k < nk; ++k) {
+    koff[k] = kblock;
+    kblock += static_cast<size_t>(khs[k]) * kws[k];
+  }
+  Buffer kall;
+  float* Kall = kall.get(nb * kblock * L);
+  std::memset(Kall, 0, sizeof(float) * nb * kblock * L);
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t cb = begin; cb < end; ++cb)
+      for (int k = 0; k < nk; ++k) {
+        const int taps = khs[k] * kws[k];
+        float* K = Kall + (cb * kblock + koff[k]) * L;
+        for (int l = 0; l < L && cb * L + l < C; ++l) {
+          const float* wl = ws[k] + static_cast<size_t>(cb * L + l) * taps;
+          for (int t = 0; t < taps; ++t) K[static_cast<size_t>(t) * L + l] = wl[t];
+        }
+      }
+  });
 
   at::parallel_for(0, static_cast<int64_t>(B) * nb, 1, [&](int64_t begin, int64_t end) {
     thread_local Buffer pbuf, abuf;
-    thread_local std::vector<Buffer> kbuf;
-    if (kbuf.size() < static_cast<size_t>(nk)) kbuf.resize(nk);
     for (int64_t job = begin; job < end; ++job) {
       const int b = static_cast<int>(job / nb), cb = static_cast<int>(job % nb), nc = std::min(L, C - cb * L);
       const float* xb = x + static_cast<size_t>(b) * H * W * C + cb * L;
@@ -119,18 +113,20 @@ void run(const float* x, float* out, const std::vector<const float*>& ws, const 
       for (int l = 0; l < L; ++l) lanes[l] = l < nc ? -1 : 0;
 
       // 1. pack (zero padding around the map; lanes past the last channel zero)
-      float* P = pbuf.get(L * rows * cols);
-      for (size_t a = 0; a < rows; ++a) {
-        float* prow = P + a * cols * L;
-        if (a < static_cast<size_t>(PT) || a >= static_cast<size_t>(PT + H)) {
-          std::memset(prow, 0, sizeof(float) * L * cols);
-          continue;
-        }
-        std::memset(prow, 0, sizeof(float) * L * PL);
-        std::memset(prow + static_cast<size_t>(PL + W) * L, 0, sizeof(float) * L * (cols - PL - W));
-        const float* src = xb + (a - PT) * static_cast<size_t>(W) * C;
-        float* d = prow + static_cast<size_t>(PL) * L;
-        const bool last_row = b + 1 == B && a - PT + 1 == static_cast<size_t>(H);
+      float* P = pbuf.get(L * H * cols);
+      // the padding is zeroed once per buffer and geometry: later jobs only overwrite the map
+      thread_local const float* zeroed = nullptr;
+      thread_local int zgeom[3] = {0, 0, 0};
+      const int geom[3] = {H, W, PL};
+      if (zeroed != P || !std::equal(geom, geom + 3, zgeom)) {
+        std::memset(P, 0, sizeof(float) * L * H * cols);
+        zeroed = P;
+        std::copy(geom, geom + 3, zgeom);
+      }
+      for (int a = 0; a < H; ++a) {
+        const float* src = xb + static_cast<size_t>(a) * W * C;
+        float* d = P + (static_cast<size_t>(a) * cols + PL) * L;
+        const bool last_row = b + 1 == B && a + 1 == H;
         for (int c = 0; c < W; ++c, d += L, src += C) {
           __builtin_prefetch(src + kPrefetch * C);  // never faults, even past the end of x
           __builtin_prefetch(src + kPrefetch * C + L - 1);
@@ -143,58 +139,40 @@ void run(const float* x, float* out, const std::vector<const float*>& ws, const 
           }
         }
       }
-      // kernels as K[i][j][16], rows zero-padded to kh_tiles
       std::vector<const float*> Ks(nk);
-      for (int k = 0; k < nk; ++k) {
-        const int kh = khs[k], kw = kws[k];
-        float* K = kbuf[k].get(static_cast<size_t>(L) * kh_tiles[k] * kw);
-        std::memset(K, 0, sizeof(float) * L * kh_tiles[k] * kw);
-        for (int l = 0; l < nc; ++l) {
-          const float* wl = ws[k] + static_cast<size_t>(cb * L + l) * kh * kw;
-          for (int t = 0; t < kh * kw; ++t) K[static_cast<size_t>(t) * L + l] = wl[t];
-        }
-        Ks[k] = K;
-      }
+      for (int k = 0; k < nk; ++k) Ks[k] = Kall + (cb * kblock + koff[k]) * L;
       v16 bv = v16{};
       if (bias != nullptr)
         for (int l = 0; l < nc; ++l) bv[l] = bias[cb * L + l];
 
-      // 2. R output rows at a time, accumulated in A[R][Wr]
-      v16* A = reinterpret_cast<v16*>(abuf.get(static_cast<size_t>(L) * R * Wr));
-      for (int a0 = 0; a0 < H; a0 += R) {
-        const int nr = std::min(R, H - a0);
-        for (size_t q = 0; q < static_cast<size_t>(R) * Wr; ++q) A[q] = bv;
+      // 2. one output row at a time, accumulated in A[Wr]; output (a, c) and tap (i, j) read
+      // x[a + i - kh/2][c + j - kw/2], so a tile of outputs c0 .. c0 + nv - 1 needs only the taps i in [i0, i1),
+      // j in [j0, j1) below
+      v16* A = reinterpret_cast<v16*>(abuf.get(static_cast<size_t>(L) * Wr));
+      for (int a = 0; a < H; ++a) {
+        for (int c = 0; c < Wr; ++c) A[c] = bv;
         for (int k = 0; k < nk; ++k) {
-          const int kh = khs[k], kw = kws[k];
-          const float* P0 = P + (static_cast<size_t>(PT - kh / 2) * cols + (PL - kw / 2)) * L;
-          if (kw >= kh) {
-            for (int r = 0; r < nr; ++r)
-              for (int c0 = 0; c0 < W; c0 += R)
-                tile_row(P0 + (static_cast<size_t>(a0 + r) * cols + c0) * L, cols, Ks[k], kh, kw,
-                         A + static_cast<size_t>(r) * Wr + c0);
-          } else {
-            for (int c = 0; c < W; ++c) {
-              v16 t[R];
-              for (int r = 0; r < R; ++r) t[r] = A[static_cast<size_t>(r) * Wr + c];
-              tile_col(P0 + (static_cast<size_t>(a0) * cols + c) * L, cols, Ks[k], kh_tiles[k], kw, t);
-              for (int r = 0; r < R; ++r) A[static_cast<size_t>(r) * Wr + c] = t[r];
-            }
+          const int kh = khs[k], kw = kws[k], i0 = std::max(0, kh / 2 - a), i1 = std::min(kh, kh / 2 - a + H);
+          // map row a + i0 - kh/2 and kernel row i0 first
+          const float* Pa = P + (static_cast<size_t>(a + i0 - kh / 2) * cols + (PL - kw / 2)) * L;
+          const float* Ka = Ks[k] + static_cast<size_t>(i0) * kw * L;
+          for (int c0 = 0; c0 < W; c0 += R) {
+            const int nv = std::min(R, W - c0);
+            tile_row(Pa + static_cast<size_t>(c0) * L, cols, Ka, kw, i1 - i0, std::max(0, kw / 2 - c0 - nv + 1),
+                     std::min(kw, kw / 2 - c0 + W), A + c0);
           }
         }
-        // 3. write the valid rows / channels
-        for (int r = 0; r < nr; ++r) {
-          float* o = ob + static_cast<size_t>(a0 + r) * W * C;
-          const v16* src = A + static_cast<size_t>(r) * Wr;
-          if (nc == L) {
-            for (int c = 0; c < W; ++c) {
-              __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C, 1);
-              __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C + L - 1, 1);
-              *reinterpret_cast<v16u*>(o + static_cast<size_t>(c) * C) = src[c];
-            }
-          } else {
-            for (int c = 0; c < W; ++c)
-              for (int l = 0; l < nc; ++l) o[static_cast<size_t>(c) * C + l] = src[c][l];
+        // 3. write the valid channels
+        float* o = ob + static_cast<size_t>(a) * W * C;
+        if (nc == L) {
+          for (int c = 0; c < W; ++c) {
+            __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C, 1);
+            __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C + L - 1, 1);
+            *reinterpret_cast<v16u*>(o + static_cast<size_t>(c) * C) = A[c];
           }
+        } else {
+          for (int c = 0; c < W; ++c)
+            for (int l = 0; l < nc; ++l) o[static_cast<size_t>(c) * C + l] = A[c][l];
         }
       }
     }
