@@ -3,7 +3,8 @@
 It packs each block of 16 channels into an aligned, zero-padded buffer and runs every kernel as register tiles of 8
 outputs along a row, each tile skipping the taps that only reach zero padding, so SLaK's long bands run without
 oneDNN's misaligned loads (SLaK's channel counts are not multiples of 16), the transposed copies of the tall band, or
-the work of taps in the padding (docs/benchmarks.md, "C++ CPU kernel"). Products are F.conv2d's; only the order of the additions differs (float32 rounding).
+the work of taps in the padding (docs/benchmarks.md, "C++ CPU kernel"). Products are F.conv2d's; only the order of
+the additions differs (float32 rounding).
 
 Built on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler is needed; `make setup` builds it once),
 cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), one build per instruction set
