@@ -36,7 +36,7 @@ constexpr int kNarrow = 32;
 // of a pixel, a stride the hardware prefetchers do not hide (measured: 4-15% faster at SLaK-T's shapes).
 constexpr int kPrefetch = 64;
 
-struct Buffer {  // per-thread scratch, grown on demand, 64-byte aligned
+struct Buffer {  // scratch, grown on demand, 64-byte aligned
   float* p = nullptr;
   size_t n = 0;
   Buffer() = default;
@@ -116,7 +116,7 @@ void run(const float* x, float* out, const std::vector<const float*>& ws, const 
       v16i lanes;
       for (int l = 0; l < L; ++l) lanes[l] = l < nc ? -1 : 0;
 
-      // 1. pack (zero padding around the map; lanes past the last channel zero)
+      // 1. pack (zero padding left and right of the map; lanes past the last channel zero)
       float* P = pbuf.get(L * H * cols);
       // the padding is zeroed once per buffer and geometry: later jobs only overwrite the map
       thread_local const float* zeroed = nullptr;
@@ -143,8 +143,6 @@ void run(const float* x, float* out, const std::vector<const float*>& ws, const 
           }
         }
       }
-      std::vector<const float*> Ks(nk);
-      for (int k = 0; k < nk; ++k) Ks[k] = Kall + (cb * kblock + koff[k]) * L;
       v16 bv = v16{};
       if (bias != nullptr)
         for (int l = 0; l < nc; ++l) bv[l] = bias[cb * L + l];
@@ -159,7 +157,7 @@ void run(const float* x, float* out, const std::vector<const float*>& ws, const 
           const int kh = khs[k], kw = kws[k], i0 = std::max(0, kh / 2 - a), i1 = std::min(kh, kh / 2 - a + H);
           // map row a + i0 - kh/2 and kernel row i0 first
           const float* Pa = P + (static_cast<size_t>(a + i0 - kh / 2) * cols + (PL - kw / 2)) * L;
-          const float* Ka = Ks[k] + static_cast<size_t>(i0) * kw * L;
+          const float* Ka = Kall + (cb * kblock + koff[k] + static_cast<size_t>(i0) * kw) * L;
           for (int c0 = 0; c0 < W; c0 += T) {
             const int nv = std::min(T, W - c0), j0 = std::max(0, kw / 2 - c0 - nv + 1);
             const int j1 = std::min(kw, kw / 2 - c0 + W);
