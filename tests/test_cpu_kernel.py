@@ -47,6 +47,7 @@ def test_kernel_builds_here():
     ((1, 40, 21, 7), [(13, 5), (5, 13)]),             # tall band on a narrow map (one partial tile per row)
     ((1, 20, 11, 45), [(21, 3), (3, 33), (1, 1)]),    # kernels of three widths, width not a multiple of 8
     ((1, 8, 30, 19), [(15, 15)]),                     # square kernel
+    ((2, 20, 32, 33), [(9, 3), (3, 15)]),             # >= 1024 px: jobs run image-major (smaller maps: block-major)
     ((2, 998, 7, 7), [(13, 5), (5, 13)])])            # SLaK-T stage 3 at 224
 @pytest.mark.parametrize('with_bias', [True, False])
 @pytest.mark.parametrize('channels_last', [True, False])
@@ -62,6 +63,31 @@ def test_kernel_matches_float64_conv(shape, kernels, with_bias, channels_last, k
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(x, x0)
     assert _close(out, float64_sum(x, ws, b))
+
+
+def test_every_tile_width_and_loop_order_matches_float64_conv():
+    # The kernel picks 4-8 outputs per register tile from the map and kernel widths, and per tile runs either the
+    # taps that reach the map or the map columns its outputs reach (whichever is fewer). Maps 1-40 wide under
+    # kernels 1-31 wide run every tile width, partial last tiles and both orders (the second one wherever the map
+    # is narrower than the kernel); the tile widths are checked to all occur, so the sweep cannot silently narrow.
+    kernel = cpu_kernel.load_cpu_kernel()
+    widths = set()
+    with torch.no_grad():
+        for w in range(1, 41):
+            for kernels in ([(3, 31), (5, 3)], [(1, 13)], [(7, 5), (3, 9), (1, 1)]):
+                kernels = [(kh, min(kw, 2 * w - 1)) for kh, kw in kernels]
+                x, ws, b = random_unit((1, 17, 4, w), kernels, True, True, seed=w)
+                widths.add(kernel.tile_width([k[0] for k in kernels], [k[1] for k in kernels], 4, w))
+                out = cpu_kernel.cpu_dwconv_sum(x, ws, b)
+                assert _close(out, float64_sum(x, ws, b)), (w, kernels)
+    assert widths == {4, 5, 6, 7, 8}
+
+
+def test_tile_width_fits_the_map():
+    # tiles of 7 on 7-, 14- and 28-wide maps (no idle outputs), 8 on wide maps
+    kernel = cpu_kernel.load_cpu_kernel()
+    assert [kernel.tile_width([13, 5], [5, 13], s, s) for s in (7, 14, 28)] == [7, 7, 7]
+    assert kernel.tile_width([51, 5], [5, 51], 128, 128) == 8
 
 
 def test_kernel_takes_strided_inputs_and_channels_last_weights(kernel_calls):

@@ -1,7 +1,8 @@
 """slak_mm's C++ CPU kernel for :func:`slak_mm.ops.dwconv2d_sum` in float32 inference (``csrc/dwconv_cpu.cpp``).
 
-It packs each block of 16 channels into an aligned, zero-padded buffer and runs every kernel as register tiles of 8
-outputs along a row, each tile skipping the taps that only reach zero padding, so SLaK's long bands run without
+It packs each block of 16 channels into an aligned, zero-padded buffer and runs every kernel as register tiles of
+4-8 outputs along a row (the width that fits the map), each tile skipping the taps that only reach zero padding (or,
+on maps narrower than the kernel, looping over the map columns its outputs reach), so SLaK's long bands run without
 oneDNN's misaligned loads (SLaK's channel counts are not multiples of 16), the transposed copies of the tall band, or
 the work of taps in the padding (docs/benchmarks.md, "C++ CPU kernel"). Products are F.conv2d's; only the order of
 the additions differs (float32 rounding).
@@ -65,5 +66,8 @@ def cpu_dwconv_sum(x: torch.Tensor, weights: List[torch.Tensor], bias: Optional[
     """``bias + sum_k conv2d(x, weights[k])`` ('same' padding, depthwise) with the C++ kernel. ``x`` float32
     channels_last on the CPU, kernels already clipped to the map; call only where :func:`load_cpu_kernel` is not
     None. Returns a channels_last tensor. Shows in ``torch.profiler`` as ``slak_mm::dwconv_cpu``."""
+    kernel = load_cpu_kernel()
+    if not torch.autograd._profiler_enabled():  # the range costs ~0.1 ms per call after a GEMM (measured)
+        return kernel.dwconv_sum(x, weights, bias)
     with torch.profiler.record_function('slak_mm::dwconv_cpu'):
-        return load_cpu_kernel().dwconv_sum(x, weights, bias)
+        return kernel.dwconv_sum(x, weights, bias)

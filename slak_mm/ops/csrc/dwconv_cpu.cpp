@@ -8,16 +8,20 @@
 //   1. packs it into an aligned buffer P[H][cols][16], zero-padded left and right (one read of x; no boundary tests
 //      later; the padding is zeroed once per thread and map geometry, later jobs only overwrite the map);
 //   2. computes the output one row at a time into an aligned scratch A[W][16] (starting from the bias), every
-//      kernel adding into it as register tiles of R outputs along the row (R / 2 on narrow maps); each tile runs
-//      only the taps that reach the map for at least one of its outputs (taps entirely in the padding are skipped);
+//      kernel adding into it as register tiles of T outputs along the row (T in [4, 8], chosen per call from the
+//      map and kernel widths, see tile_width); each tile runs only the kernel rows that reach the map, and either
+//      the taps that reach the map for at least one of its outputs or the map columns that at least one of its
+//      outputs reaches, whichever is fewer (Span): on a map narrower than the kernel the second is exactly the
+//      in-map work;
 //   3. writes the row once.
-// Kernels are re-laid out once per call as K[block][i][j][16].
+// The job re-lays its block's kernels out as K[k][i][j][16], unless its thread's previous job had the same block.
 // The vectors are GCC/Clang vector extensions, so the same source compiles to AVX-512, AVX2 or SSE (the loader
 // passes the ISA flags). Products are the same as F.conv2d's; only the order of the additions differs.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -28,13 +32,11 @@ typedef float v16 __attribute__((vector_size(64), aligned(64)));
 typedef int v16i __attribute__((vector_size(64), aligned(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));  // unaligned access to x and out
 constexpr int L = 16;  // channels per job (one vector)
-constexpr int R = 8;   // outputs per register tile (along a row); 4 on maps of <= kNarrow columns
-// On narrow maps most tiles are edge tiles, which run the union of their outputs' in-map taps: 4-output tiles waste
-// fewer taps there (1.1-1.4x at SLaK-T's 7-28 px maps), 8-output ones are 1.03-1.1x faster on wide maps.
-constexpr int kNarrow = 32;
 // Pixels ahead to prefetch when packing x and writing the output: each job touches only 64 of every C·4 bytes
 // of a pixel, a stride the hardware prefetchers do not hide (measured: 4-15% faster at SLaK-T's shapes).
 constexpr int kPrefetch = 64;
+// Maps of fewer pixels run their jobs block-major (see run).
+constexpr int kBlockMajorPixels = 1024;
 
 struct Buffer {  // scratch, grown on demand, 64-byte aligned
   float* p = nullptr;
@@ -55,14 +57,16 @@ struct Buffer {  // scratch, grown on demand, 64-byte aligned
   ~Buffer() { std::free(p); }
 };
 
-// T outputs along a row: acc[r] += sum_ij P[i][j + r] * K[i][j] over taps i in [0, kh), j in [j0, j1) (the caller
-// leaves out the taps that only reach the zero padding for every output of the tile)
+// A tile of T outputs along a row, two loop orders over the same products; P points at the input column of the
+// tile's first output's first tap, K at its kernel row's first tap, rows of K are kwp floats apart and have T - 1
+// zero taps on each side.
+// Tap order: acc[r] += sum_i sum_{j in [j0, j1)} P[i][j + r] * K[i][j]: one weight and T inputs per column j.
 template <int T>
-inline void tile_row(const float* P, size_t cols, const float* K, int kw, int kh, int j0, int j1, v16* acc) {
+inline void tile_taps(const float* P, size_t cols, const float* K, int kwp, int kh, int j0, int j1, v16* acc) {
   v16 a[T];
   for (int r = 0; r < T; ++r) a[r] = acc[r];
   for (int i = 0; i < kh; ++i) {
-    const float* k = K + static_cast<size_t>(i) * kw * L;
+    const float* k = K + static_cast<size_t>(i) * kwp * L;
     const float* p = P + static_cast<size_t>(i) * cols * L;
     for (int j = j0; j < j1; ++j) {
       const v16 w = *reinterpret_cast<const v16*>(k + j * L);
@@ -73,63 +77,183 @@ inline void tile_row(const float* P, size_t cols, const float* K, int kw, int kh
   for (int r = 0; r < T; ++r) acc[r] = a[r];
 }
 
+// Input order: acc[r] += sum_i sum_{u in [u0, u1)} P[i][u] * K[i][u - r]: one input and T weights per column u
+// (K[i][u - r] is one of the zero taps where output r does not reach input u).
+template <int T>
+inline void tile_inputs(const float* P, size_t cols, const float* K, int kwp, int kh, int u0, int u1, v16* acc) {
+  v16 a[T];
+  for (int r = 0; r < T; ++r) a[r] = acc[r];
+  for (int i = 0; i < kh; ++i) {
+    const float* k = K + static_cast<size_t>(i) * kwp * L;
+    const float* p = P + static_cast<size_t>(i) * cols * L;
+    for (int u = u0; u < u1; ++u) {
+      const v16 v = *reinterpret_cast<const v16*>(p + u * L);
+#pragma GCC unroll 16
+      for (int r = 0; r < T; ++r) a[r] += v * *reinterpret_cast<const v16*>(k + (u - r) * L);
+    }
+  }
+  for (int r = 0; r < T; ++r) acc[r] = a[r];
+}
+
 inline int round_up(int n, int m) { return (n + m - 1) / m * m; }
+
+// Column ranges of a tile of outputs c0 .. c0 + nv - 1 (of T) for a kernel kw wide on a W-wide map: taps j in
+// [j0, j1) that reach the map for at least one output, or input columns u (relative to the first output's first
+// tap) in [u0, u1) that are in the map and reached by at least one output. Each order runs T products per column.
+struct Span {
+  int j0, j1, u0, u1;
+  bool inputs() const { return u1 - u0 < j1 - j0; }
+  int columns() const { return inputs() ? u1 - u0 : j1 - j0; }
+};
+inline Span span(int c0, int nv, int kw, int W) {
+  return {std::max(0, kw / 2 - c0 - nv + 1), std::min(kw, kw / 2 - c0 + W), std::max(0, kw / 2 - c0),
+          std::min(kw + nv - 1, kw / 2 - c0 + W)};
+}
+
+struct Geometry {
+  int nk, H, W, C, PL, T;
+  size_t cols;  // packed row length (pixels), PL zero pixels each side of the map and of the tiles' overhang
+  const int *khs, *kws;
+  const size_t* koff;  // offset (pixels of 16 floats) of kernel k in a block's re-laid-out kernels
+  int kwp(int k) const { return kws[k] + 2 * (T - 1); }
+};
+
+// Outputs per tile for this call: the T in [4, 8] with the fewest load slots, T + 1 per column (one weight and T
+// inputs, or one input and T weights), summed over every tile of every kernel row that runs; ties go to the larger
+// T. Narrow maps get short or exactly fitting tiles (a 14-wide map runs two tiles of 7), wide ones tiles of 8.
+int tile_width(int nk, const int* khs, const int* kws, int H, int W) {
+  long best = -1;
+  int best_t = 8;
+  for (int t = 8; t >= 4; --t) {
+    long cost = 0;
+    for (int k = 0; k < nk; ++k) {
+      long rows = 0;
+      for (int a = 0; a < H; ++a) rows += std::min(khs[k], khs[k] / 2 - a + H) - std::max(0, khs[k] / 2 - a);
+      long columns = 0;
+      for (int c0 = 0; c0 < W; c0 += t) columns += span(c0, std::min(t, W - c0), kws[k], W).columns();
+      cost += rows * columns * (t + 1);
+    }
+    if (best < 0 || cost < best) {
+      best = cost;
+      best_t = t;
+    }
+  }
+  return best_t;
+}
+
+// Steps 2 and 3 of one job: every output row of the block, from the packed map P and the block's kernels K.
+template <int T>
+void block_rows(const Geometry& g, const float* P, const float* K, v16 bias, v16* A, float* ob, int nc) {
+  const int H = g.H, W = g.W, C = g.C;
+  for (int a = 0; a < H; ++a) {
+    for (int c = 0; c < round_up(W, T); ++c) A[c] = bias;
+    for (int k = 0; k < g.nk; ++k) {
+      const int kh = g.khs[k], kw = g.kws[k], kwp = g.kwp(k);
+      const int i0 = std::max(0, kh / 2 - a), i1 = std::min(kh, kh / 2 - a + H);
+      // output (a, c) and tap (i, j) read x[a + i - kh/2][c + j - kw/2]: start at map row a + i0 - kh/2, kernel
+      // row i0, tap 0 (T - 1 zero taps precede it)
+      const float* Pa = P + (static_cast<size_t>(a + i0 - kh / 2) * g.cols + (g.PL - kw / 2)) * L;
+      const float* Ka = K + (g.koff[k] + static_cast<size_t>(i0) * kwp + T - 1) * L;
+      for (int c0 = 0; c0 < W; c0 += T) {
+        const Span sp = span(c0, std::min(T, W - c0), kw, W);
+        const float* Pt = Pa + static_cast<size_t>(c0) * L;
+        if (sp.inputs())
+          tile_inputs<T>(Pt, g.cols, Ka, kwp, i1 - i0, sp.u0, sp.u1, A + c0);
+        else
+          tile_taps<T>(Pt, g.cols, Ka, kwp, i1 - i0, sp.j0, sp.j1, A + c0);
+      }
+    }
+    // 3. write the valid channels
+    float* o = ob + static_cast<size_t>(a) * W * C;
+    if (nc == L) {
+      for (int c = 0; c < W; ++c) {
+        __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C, 1);
+        __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C + L - 1, 1);
+        *reinterpret_cast<v16u*>(o + static_cast<size_t>(c) * C) = A[c];
+      }
+    } else {
+      for (int c = 0; c < W; ++c)
+        for (int l = 0; l < nc; ++l) o[static_cast<size_t>(c) * C + l] = A[c][l];
+    }
+  }
+}
 
 void run(const float* x, float* out, const std::vector<const float*>& ws, const std::vector<int>& khs,
          const std::vector<int>& kws, const float* bias, int B, int C, int H, int W) {
-  const int nb = (C + L - 1) / L, nk = static_cast<int>(ws.size());
-  // left / right padding of the packed map, enough for every kernel; no padding rows, because no tap that reads
-  // above or below the map is run
-  int PL = 0;
-  for (int k = 0; k < nk; ++k) PL = std::max(PL, kws[k] / 2);
-  const int Wr = round_up(W, R), T = W <= kNarrow ? R / 2 : R;  // T: outputs per tile in this call
-  const size_t cols = Wr + 2 * PL;
-
-  // kernels as K[block][k][i][j][16] (lanes past the last channel zero), once per call
-  std::vector<size_t> koff(nk);
+  Geometry g;
+  g.nk = static_cast<int>(ws.size());
+  g.H = H;
+  g.W = W;
+  g.C = C;
+  g.khs = khs.data();
+  g.kws = kws.data();
+  g.T = tile_width(g.nk, g.khs, g.kws, H, W);
+  // left / right padding of the packed map, enough for every kernel and tile overhang; no padding rows, because no
+  // tap that reads above or below the map is run
+  g.PL = 0;
+  for (int k = 0; k < g.nk; ++k) g.PL = std::max(g.PL, kws[k] / 2);
+  const int nb = (C + L - 1) / L, Wr = round_up(W, g.T);
+  g.cols = Wr + 2 * g.PL;
+  // a block's kernels as K[k][i][T - 1 + j][16] with T - 1 zero taps each side of every row and zero lanes past the
+  // last channel, re-laid out by a job whose thread does not hold them already (from its previous job)
+  std::vector<size_t> koff(g.nk);
   size_t kblock = 0;
-  for (int k = 0; k < nk; ++k) {
+  for (int k = 0; k < g.nk; ++k) {
     koff[k] = kblock;
-    kblock += static_cast<size_t>(khs[k]) * kws[k];
+    kblock += static_cast<size_t>(khs[k]) * g.kwp(k);
   }
-  Buffer kall;
-  float* Kall = kall.get(nb * kblock * L);
-  std::memset(Kall, 0, sizeof(float) * nb * kblock * L);
-  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t cb = begin; cb < end; ++cb)
-      for (int k = 0; k < nk; ++k) {
-        const int taps = khs[k] * kws[k];
-        float* K = Kall + (cb * kblock + koff[k]) * L;
-        for (int l = 0; l < L && cb * L + l < C; ++l) {
-          const float* wl = ws[k] + static_cast<size_t>(cb * L + l) * taps;
-          for (int t = 0; t < taps; ++t) K[static_cast<size_t>(t) * L + l] = wl[t];
-        }
-      }
-  });
+  g.koff = koff.data();
+  // Job order: on small maps block-major, so that a thread re-lays a block's kernels out once for all images
+  // (1.2-1.4x faster at 7-14 px, batch 8); on larger maps image-major, so that consecutive jobs read the adjacent
+  // channels of one image and share the cache lines that straddle their blocks (1.05-1.08x at 40-56 px, batch 4-8).
+  const bool block_major = H * W < kBlockMajorPixels;
+  static std::atomic<long> calls{0};
+  const long call = ++calls;
 
   at::parallel_for(0, static_cast<int64_t>(B) * nb, 1, [&](int64_t begin, int64_t end) {
-    thread_local Buffer pbuf, abuf;
+    thread_local Buffer pbuf, abuf, kbuf;
+    thread_local long k_call = 0;  // the call and block whose kernels kbuf holds
+    thread_local int k_cb = -1;
     for (int64_t job = begin; job < end; ++job) {
-      const int b = static_cast<int>(job / nb), cb = static_cast<int>(job % nb), nc = std::min(L, C - cb * L);
+      const int cb = block_major ? static_cast<int>(job / B) : static_cast<int>(job % nb);
+      const int b = block_major ? static_cast<int>(job % B) : static_cast<int>(job / nb), nc = std::min(L, C - cb * L);
       const float* xb = x + static_cast<size_t>(b) * H * W * C + cb * L;
       float* ob = out + static_cast<size_t>(b) * H * W * C + cb * L;
       v16i lanes;
       for (int l = 0; l < L; ++l) lanes[l] = l < nc ? -1 : 0;
 
+      float* K = kbuf.get(kblock * L);
+      if (k_call != call || k_cb != cb) {  // every vector of K written once: taps, zero taps, zero lanes
+        for (int k = 0; k < g.nk; ++k) {
+          const int kh = khs[k], kw = kws[k], kwp = g.kwp(k), taps = kh * kw;
+          const float* w0 = ws[k] + static_cast<size_t>(cb) * L * taps;
+          v16* Kk = reinterpret_cast<v16*>(K) + koff[k];
+          for (int i = 0; i < kh; ++i)
+            for (int j = -(g.T - 1); j < kw + g.T - 1; ++j) {
+              v16 v = v16{};
+              if (j >= 0 && j < kw)
+                for (int l = 0; l < nc; ++l) v[l] = w0[static_cast<size_t>(l) * taps + i * kw + j];
+              Kk[static_cast<size_t>(i) * kwp + g.T - 1 + j] = v;
+            }
+        }
+        k_call = call;
+        k_cb = cb;
+      }
+
       // 1. pack (zero padding left and right of the map; lanes past the last channel zero)
-      float* P = pbuf.get(L * H * cols);
+      float* P = pbuf.get(L * H * g.cols);
       // the padding is zeroed once per buffer and geometry: later jobs only overwrite the map
       thread_local const float* zeroed = nullptr;
       thread_local int zgeom[3] = {0, 0, 0};
-      const int geom[3] = {H, W, PL};
+      const int geom[3] = {H, W, g.PL};
       if (zeroed != P || !std::equal(geom, geom + 3, zgeom)) {
-        std::memset(P, 0, sizeof(float) * L * H * cols);
+        std::memset(P, 0, sizeof(float) * L * H * g.cols);
         zeroed = P;
         std::copy(geom, geom + 3, zgeom);
       }
       for (int a = 0; a < H; ++a) {
         const float* src = xb + static_cast<size_t>(a) * W * C;
-        float* d = P + (static_cast<size_t>(a) * cols + PL) * L;
+        float* d = P + (static_cast<size_t>(a) * g.cols + g.PL) * L;
         const bool last_row = b + 1 == B && a + 1 == H;
         for (int c = 0; c < W; ++c, d += L, src += C) {
           __builtin_prefetch(src + kPrefetch * C);  // never faults, even past the end of x
@@ -147,38 +271,14 @@ void run(const float* x, float* out, const std::vector<const float*>& ws, const 
       if (bias != nullptr)
         for (int l = 0; l < nc; ++l) bv[l] = bias[cb * L + l];
 
-      // 2. one output row at a time, accumulated in A[Wr]; output (a, c) and tap (i, j) read
-      // x[a + i - kh/2][c + j - kw/2], so a tile of outputs c0 .. c0 + nv - 1 needs only the taps i in [i0, i1),
-      // j in [j0, j1) below
+      // 2 and 3: output rows, accumulated in A[Wr] from the bias, then written
       v16* A = reinterpret_cast<v16*>(abuf.get(static_cast<size_t>(L) * Wr));
-      for (int a = 0; a < H; ++a) {
-        for (int c = 0; c < Wr; ++c) A[c] = bv;
-        for (int k = 0; k < nk; ++k) {
-          const int kh = khs[k], kw = kws[k], i0 = std::max(0, kh / 2 - a), i1 = std::min(kh, kh / 2 - a + H);
-          // map row a + i0 - kh/2 and kernel row i0 first
-          const float* Pa = P + (static_cast<size_t>(a + i0 - kh / 2) * cols + (PL - kw / 2)) * L;
-          const float* Ka = Kall + (cb * kblock + koff[k] + static_cast<size_t>(i0) * kw) * L;
-          for (int c0 = 0; c0 < W; c0 += T) {
-            const int nv = std::min(T, W - c0), j0 = std::max(0, kw / 2 - c0 - nv + 1);
-            const int j1 = std::min(kw, kw / 2 - c0 + W);
-            if (T == R)
-              tile_row<R>(Pa + static_cast<size_t>(c0) * L, cols, Ka, kw, i1 - i0, j0, j1, A + c0);
-            else
-              tile_row<R / 2>(Pa + static_cast<size_t>(c0) * L, cols, Ka, kw, i1 - i0, j0, j1, A + c0);
-          }
-        }
-        // 3. write the valid channels
-        float* o = ob + static_cast<size_t>(a) * W * C;
-        if (nc == L) {
-          for (int c = 0; c < W; ++c) {
-            __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C, 1);
-            __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C + L - 1, 1);
-            *reinterpret_cast<v16u*>(o + static_cast<size_t>(c) * C) = A[c];
-          }
-        } else {
-          for (int c = 0; c < W; ++c)
-            for (int l = 0; l < nc; ++l) o[static_cast<size_t>(c) * C + l] = A[c][l];
-        }
+      switch (g.T) {
+        case 4: block_rows<4>(g, P, K, bv, A, ob, nc); break;
+        case 5: block_rows<5>(g, P, K, bv, A, ob, nc); break;
+        case 6: block_rows<6>(g, P, K, bv, A, ob, nc); break;
+        case 7: block_rows<7>(g, P, K, bv, A, ob, nc); break;
+        default: block_rows<8>(g, P, K, bv, A, ob, nc); break;
       }
     }
   });
@@ -220,6 +320,14 @@ torch::Tensor dwconv_sum(const torch::Tensor& x, const std::vector<torch::Tensor
   return out;
 }
 
+// The tile width dwconv_sum uses for these kernels on an H×W map (exposed for the tests' coverage check).
+int64_t tile_width_for(const std::vector<int64_t>& khs, const std::vector<int64_t>& kws, int64_t H, int64_t W) {
+  TORCH_CHECK(khs.size() == kws.size() && !khs.empty() && H > 0 && W > 0, "tile_width: bad arguments");
+  const std::vector<int> kh(khs.begin(), khs.end()), kw(kws.begin(), kws.end());
+  return tile_width(static_cast<int>(kh.size()), kh.data(), kw.data(), static_cast<int>(H), static_cast<int>(W));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dwconv_sum", &dwconv_sum, "sum_k depthwise conv2d(x, w_k) + bias (CPU, float32, channels_last)");
+  m.def("tile_width", &tile_width_for, "outputs per register tile dwconv_sum uses for kernels (khs, kws) on H×W");
 }
