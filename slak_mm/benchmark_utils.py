@@ -50,13 +50,16 @@ def _sync(device: torch.device) -> None:
 
 
 def time_interleaved_samples(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
-                             warmup: int = 1) -> Dict[str, List[float]]:
+                             warmup: int = 1, calls: int = 1) -> Dict[str, List[float]]:
     """Seconds per call of each function, one sample per repeat, measured round-robin so machine noise hits all alike.
 
     Each repeat runs the functions in a fresh (seeded) random order: whichever call follows a heavy one pays for the
     caches it evicted (up to ~25% on millisecond-scale ops here), and a fixed or rotated order would keep charging
-    that to the same function.
+    that to the same function. ``calls`` > 1 times that many back-to-back calls per sample (and reports their mean):
+    after the first, a call finds its inputs, weights and code in cache, as a long GEMM does for most of its run.
     """
+    if calls < 1:
+        raise ValueError(f'calls must be >= 1, got {calls}')
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -69,9 +72,10 @@ def time_interleaved_samples(fns: Dict[str, Callable[[], object]], device: torch
             fn = fns[name]
             _sync(device)
             t0 = time.perf_counter()
-            fn()
+            for _ in range(calls):
+                fn()
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append((time.perf_counter() - t0) / calls)
     return times
 
 

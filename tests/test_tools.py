@@ -108,6 +108,29 @@ def test_interleaved_timing_shuffles_the_order_and_pairs_the_ratios():
     assert paired_ratio({'m': [3.0], 'base': [1.5]}, 'm', 'base') == (2.0, 2.0, 2.0)
 
 
+def test_interleaved_timing_with_back_to_back_calls_reports_time_per_call(monkeypatch):
+    # calls=3: each sample is three consecutive calls of one function (warm caches after the first), divided by 3
+    import types
+    from slak_mm import benchmark_utils
+    calls, clock = [], [0.0]
+
+    def fn(k, cost):
+        def run():
+            calls.append(k)
+            clock[0] += cost
+        return run
+    fns = {'a': fn('a', 3.0), 'b': fn('b', 6.0)}
+    # a fake clock: each call advances it by its function's cost
+    monkeypatch.setattr(benchmark_utils, 'time', types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    samples = benchmark_utils.time_interleaved_samples(fns, torch.device('cpu'), repeats=4, warmup=1, calls=3)
+    assert samples == {'a': [3.0] * 4, 'b': [6.0] * 4}
+    timed = calls[2:]
+    assert all(len(set(timed[i:i + 3])) == 1 for i in range(0, len(timed), 3))  # back to back, not interleaved
+    assert len(timed) == 2 * 4 * 3
+    with pytest.raises(ValueError, match='calls must be >= 1'):
+        benchmark_utils.time_interleaved_samples(fns, torch.device('cpu'), calls=0)
+
+
 def test_benchmark_sizes_parse_hxw_and_reject_bad_ones_before_timing():
     # Both benchmarks take N or HxW (the detection input 800x1344 is not square); a bad size stops the tool at once.
     from slak_mm.benchmark_utils import parse_size, size_label

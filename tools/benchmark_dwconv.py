@@ -23,6 +23,9 @@ map were infinite; an implementation that skips taps in the zero padding can pas
 in-map MACs (only the taps that land inside the map: the work any exact implementation must do, so 100% means
 running that work at the GEMM's rate). The nchw/ours and cl/ours speed-ups are medians of per-repeat
 ratios (each repeat times all three back to back). Prints a markdown table and writes JSON with the device name.
+Each sample is one call, right after a different function (cold caches, as inside a network, where the unit follows
+the MLP's GEMMs); ``--calls N`` times N back-to-back calls per sample instead (warm caches, as the 13 ms GEMM is for
+most of its run), which shows how much of a small unit's time is cold-start.
 """
 import argparse
 import json
@@ -118,10 +121,14 @@ def main() -> None:
                                                                   'float16 on GPU')
     parser.add_argument('--phases', nargs='+', default=list(PHASES), choices=PHASES)
     parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--calls', type=int, default=1, help='back-to-back calls per timed sample (default 1: each '
+                                                               'call after a different function, cold caches)')
     parser.add_argument('--quick', action='store_true', help='224 only, batch 2, 3 repeats')
     parser.add_argument('--json', default='work_dirs/benchmarks/dwconv.json')
     args = parser.parse_args()
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if args.calls < 1:
+        parser.error(f'--calls must be >= 1, got {args.calls}')
     if args.quick:
         args.sizes, args.batch, args.repeats = ['224'], 2, 3
     try:
@@ -155,7 +162,7 @@ def main() -> None:
                     fns = make_fns(x, kernels, phase)
                     if dt == 'float32':  # the GEMM rate, timed in every repeat next to the unit (see the docstring)
                         fns['gemm'] = lambda: ga @ gb
-                    samples = time_interleaved_samples(fns, device, args.repeats)
+                    samples = time_interleaved_samples(fns, device, args.repeats, calls=args.calls)
                     total = medians(samples)
                     vs_ours = {k: paired_ratio(samples, k, 'ours')[0] for k in samples if k not in ('ours', 'gemm')}
                     times = 3 if phase == 'fwd_bwd' else 1
@@ -181,7 +188,7 @@ def main() -> None:
     import os
     os.makedirs(osp.dirname(args.json) or '.', exist_ok=True)
     json.dump(dict(device=dev, torch=torch.__version__, gemm_gflops_fp32=gemm, rows=rows,
-                   command=' '.join(sys.argv)), open(args.json, 'w'), indent=1)
+                   calls_per_sample=args.calls, command=' '.join(sys.argv)), open(args.json, 'w'), indent=1)
     print(f'wrote {args.json}')
 
 
