@@ -4,6 +4,11 @@ Every result is compared with a float64 F.conv2d sum (independent reference), to
 magnitude (float32 accumulation over up to ~520 taps). The kernel is built on first use; on this project's machines
 (and CI) a C++ compiler is present, so a failed build fails these tests rather than skipping them.
 """
+import os
+import platform
+import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -15,6 +20,8 @@ from slak_mm.ops.cpu_fusion import cpu_fusions_disabled
 from slak_mm.ops.dwconv import cpu_kernel_applies
 
 from dwconv_cases import float64_sum, random_unit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _close(out, ref):
@@ -66,10 +73,11 @@ def test_kernel_matches_float64_conv(shape, kernels, with_bias, channels_last, k
 
 
 def test_every_tile_width_and_loop_order_matches_float64_conv():
-    # The kernel picks 4-8 outputs per register tile from the map and kernel widths, and per tile runs either the
-    # taps that reach the map or the map columns its outputs reach (whichever is fewer). Maps 1-40 wide under
-    # kernels 1-31 wide run every tile width, partial last tiles and both orders (the second one wherever the map
-    # is narrower than the kernel); the tile widths are checked to all occur, so the sweep cannot silently narrow.
+    # The kernel picks 4-8 outputs per register tile (4-7 without AVX-512) from the map and kernel widths, and per
+    # tile runs either the taps that reach the map or the map columns its outputs reach (whichever is fewer). Maps
+    # 1-40 wide under kernels 1-31 wide run every tile width, partial last tiles and both orders (the second one
+    # wherever the map is narrower than the kernel); the tile widths are checked to all occur, so the sweep cannot
+    # silently narrow.
     kernel = cpu_kernel.load_cpu_kernel()
     widths = set()
     with torch.no_grad():
@@ -80,14 +88,39 @@ def test_every_tile_width_and_loop_order_matches_float64_conv():
                 widths.add(kernel.tile_width([k[0] for k in kernels], [k[1] for k in kernels], 4, w))
                 out = cpu_kernel.cpu_dwconv_sum(x, ws, b)
                 assert _close(out, float64_sum(x, ws, b)), (w, kernels)
-    assert widths == {4, 5, 6, 7, 8}
+    assert widths == set(range(4, kernel.max_tile_width + 1))
 
 
 def test_tile_width_fits_the_map():
-    # tiles of 7 on 7-, 14- and 28-wide maps (no idle outputs), 8 on wide maps
+    # tiles of 7 on 7-, 14- and 28-wide maps (no idle outputs), the widest on wide maps
     kernel = cpu_kernel.load_cpu_kernel()
     assert [kernel.tile_width([13, 5], [5, 13], s, s) for s in (7, 14, 28)] == [7, 7, 7]
-    assert kernel.tile_width([51, 5], [5, 51], 128, 128) == 8
+    assert kernel.tile_width([51, 5], [5, 51], 128, 128) == kernel.max_tile_width
+    assert kernel.max_tile_width == (8 if kernel.lanes == 16 else 7)
+
+
+@pytest.mark.parametrize('capability,lanes', [('avx2', 8), ('default', 4)])
+def test_builds_for_other_instruction_sets_match_float64_conv(capability, lanes):
+    # The kernel is built per instruction set, with one vector of floats per job: 16 on AVX-512, 8 on AVX2, 4 for the
+    # compiler's default target (SSE2 on x86-64; NEON on ARM). ATEN_CPU_CAPABILITY makes torch report a lower
+    # capability, so this machine builds and runs those variants too: the numerics tests above, in a child process.
+    if platform.machine() not in ('x86_64', 'AMD64'):
+        pytest.skip('the AVX2 and SSE2 builds are x86-64 only; this machine runs its own build in the tests above')
+    if capability == 'avx2' and torch.backends.cpu.get_cpu_capability() not in ('AVX2', 'AVX512'):
+        pytest.skip('this CPU has no AVX2')
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    probe = subprocess.run([sys.executable, '-c', 'from slak_mm.ops import cpu_kernel; k = cpu_kernel.load_cpu_kernel(); '
+                            'print(cpu_kernel.build_name(), k.lanes, k.max_tile_width)'],
+                           env=env, capture_output=True, text=True, cwd=ROOT)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.split() == [f'slak_mm_dwconv_cpu_{capability}', str(lanes), '7']
+    tests = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k',
+                            'matches_float64_conv and not other_instruction_sets or every_tile_width or fits_the_map '
+                            'or strided or thread_count or repadded'],
+                           env=env, capture_output=True, text=True, cwd=ROOT)
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
+    passed = re.search(r'(\d+) passed', tests.stdout)
+    assert passed and int(passed.group(1)) >= 45 and 'skipped' not in tests.stdout, tests.stdout[-500:]
 
 
 def test_kernel_takes_strided_inputs_and_channels_last_weights(kernel_calls):

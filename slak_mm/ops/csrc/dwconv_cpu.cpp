@@ -3,18 +3,18 @@
 //
 // Why: oneDNN's channels_last depthwise kernel reaches only 20-40% of this machine's GEMM rate on SLaK's long bands,
 // mostly because SLaK's channel counts (124, 249, 499, 998) make every 16-float vector load straddle cache lines,
-// and because it re-loads inputs down a kernel column (docs/benchmarks.md). Here each job takes one block of 16
-// channels of one image and
-//   1. packs it into an aligned buffer P[H][cols][16], zero-padded left and right (one read of x; no boundary tests
+// and because it re-loads inputs down a kernel column (docs/benchmarks.md). Here each job takes one block of L
+// channels (one vector: 16 on AVX-512, 8 on AVX2, 4 otherwise) of one image and
+//   1. packs it into an aligned buffer P[H][cols][L], zero-padded left and right (one read of x; no boundary tests
 //      later; the padding is zeroed once per thread and map geometry, later jobs only overwrite the map);
-//   2. computes the output one row at a time into an aligned scratch A[W][16] (starting from the bias), every
+//   2. computes the output one row at a time into an aligned scratch A[W][L] (starting from the bias), every
 //      kernel adding into it as register tiles of T outputs along the row (T in [4, 8], chosen per call from the
 //      map and kernel widths, see tile_width); each tile runs only the kernel rows that reach the map, and either
 //      the taps that reach the map for at least one of its outputs or the map columns that at least one of its
 //      outputs reaches, whichever is fewer (Span): on a map narrower than the kernel the second is exactly the
 //      in-map work;
 //   3. writes the row once.
-// The job re-lays its block's kernels out as K[k][i][j][16], unless its thread's previous job had the same block.
+// The job re-lays its block's kernels out as K[k][i][j][L], unless its thread's previous job had the same block.
 // The vectors are GCC/Clang vector extensions, so the same source compiles to AVX-512, AVX2 or SSE (the loader
 // passes the ISA flags). Products are the same as F.conv2d's; only the order of the additions differs.
 #include <torch/extension.h>
@@ -28,10 +28,22 @@
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64), aligned(64)));
-typedef int v16i __attribute__((vector_size(64), aligned(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));  // unaligned access to x and out
-constexpr int L = 16;  // channels per job (one vector)
+// Channels per job: one native vector of floats. (Built for AVX2, 16-float vectors, which GCC splits into pairs of
+// 8-float operations, measured 5-7x slower than 8-float ones at SLaK-T's stage shapes.)
+#if defined(__AVX512F__)
+constexpr int L = 16;
+#elif defined(__AVX__)
+constexpr int L = 8;
+#else
+constexpr int L = 4;  // SSE2 / NEON
+#endif
+// Widest register tile: with AVX2's 16 vector registers, 8-output tiles ran 1.6-2.4x slower than 7-output ones at
+// every SLaK-T stage shape (AVX2 build, measured on an AVX-512 machine); AVX-512 has 32. SSE and NEON builds
+// (untimed) also stop at 7.
+constexpr int kMaxTile = L == 16 ? 8 : 7;
+typedef float vf __attribute__((vector_size(L * 4), aligned(L * 4)));
+typedef int vi __attribute__((vector_size(L * 4), aligned(L * 4)));
+typedef float vfu __attribute__((vector_size(L * 4), aligned(4)));  // unaligned access to x and out
 // Pixels ahead to prefetch when packing x and writing the output: each job touches only 64 of every C·4 bytes
 // of a pixel, a stride the hardware prefetchers do not hide (measured: 4-15% faster at SLaK-T's shapes).
 constexpr int kPrefetch = 64;
@@ -62,16 +74,16 @@ struct Buffer {  // scratch, grown on demand, 64-byte aligned
 // zero taps on each side.
 // Tap order: acc[r] += sum_i sum_{j in [j0, j1)} P[i][j + r] * K[i][j]: one weight and T inputs per column j.
 template <int T>
-inline void tile_taps(const float* P, size_t cols, const float* K, int kwp, int kh, int j0, int j1, v16* acc) {
-  v16 a[T];
+inline void tile_taps(const float* P, size_t cols, const float* K, int kwp, int kh, int j0, int j1, vf* acc) {
+  vf a[T];
   for (int r = 0; r < T; ++r) a[r] = acc[r];
   for (int i = 0; i < kh; ++i) {
     const float* k = K + static_cast<size_t>(i) * kwp * L;
     const float* p = P + static_cast<size_t>(i) * cols * L;
     for (int j = j0; j < j1; ++j) {
-      const v16 w = *reinterpret_cast<const v16*>(k + j * L);
+      const vf w = *reinterpret_cast<const vf*>(k + j * L);
 #pragma GCC unroll 16
-      for (int r = 0; r < T; ++r) a[r] += *reinterpret_cast<const v16*>(p + (j + r) * L) * w;
+      for (int r = 0; r < T; ++r) a[r] += *reinterpret_cast<const vf*>(p + (j + r) * L) * w;
     }
   }
   for (int r = 0; r < T; ++r) acc[r] = a[r];
@@ -80,16 +92,16 @@ inline void tile_taps(const float* P, size_t cols, const float* K, int kwp, int 
 // Input order: acc[r] += sum_i sum_{u in [u0, u1)} P[i][u] * K[i][u - r]: one input and T weights per column u
 // (K[i][u - r] is one of the zero taps where output r does not reach input u).
 template <int T>
-inline void tile_inputs(const float* P, size_t cols, const float* K, int kwp, int kh, int u0, int u1, v16* acc) {
-  v16 a[T];
+inline void tile_inputs(const float* P, size_t cols, const float* K, int kwp, int kh, int u0, int u1, vf* acc) {
+  vf a[T];
   for (int r = 0; r < T; ++r) a[r] = acc[r];
   for (int i = 0; i < kh; ++i) {
     const float* k = K + static_cast<size_t>(i) * kwp * L;
     const float* p = P + static_cast<size_t>(i) * cols * L;
     for (int u = u0; u < u1; ++u) {
-      const v16 v = *reinterpret_cast<const v16*>(p + u * L);
+      const vf v = *reinterpret_cast<const vf*>(p + u * L);
 #pragma GCC unroll 16
-      for (int r = 0; r < T; ++r) a[r] += v * *reinterpret_cast<const v16*>(k + (u - r) * L);
+      for (int r = 0; r < T; ++r) a[r] += v * *reinterpret_cast<const vf*>(k + (u - r) * L);
     }
   }
   for (int r = 0; r < T; ++r) acc[r] = a[r];
@@ -114,24 +126,28 @@ struct Geometry {
   int nk, H, W, C, PL, T;
   size_t cols;  // packed row length (pixels), PL zero pixels each side of the map and of the tiles' overhang
   const int *khs, *kws;
-  const size_t* koff;  // offset (pixels of 16 floats) of kernel k in a block's re-laid-out kernels
+  const size_t* koff;  // offset (vectors of L floats) of kernel k in a block's re-laid-out kernels
   int kwp(int k) const { return kws[k] + 2 * (T - 1); }
 };
 
-// Outputs per tile for this call: the T in [4, 8] with the fewest load slots, T + 1 per column (one weight and T
-// inputs, or one input and T weights), summed over every tile of every kernel row that runs; ties go to the larger
-// T. Narrow maps get short or exactly fitting tiles (a 14-wide map runs two tiles of 7), wide ones tiles of 8.
+// Outputs per tile for this call: the T in [4, kMaxTile] with the fewest load slots, T + 1 per column (one weight
+// and T inputs, or one input and T weights) plus kTileRowCost per kernel row (loop and pointer set-up), summed over
+// every tile of every kernel row that runs; ties go to the larger T. Narrow maps get short or exactly fitting tiles
+// (a 14-wide map runs two tiles of 7), wide ones the widest. Against every width forced, at SLaK-T's 9 stage map
+// shapes: the pick was the fastest or within 7% of it on AVX-512 and, with the set-up term (without it: 4-output
+// tiles on a 32-wide map, 1.4x slower), within 4% at 8 of 9 shapes on AVX2.
+constexpr long kTileRowCost = 8;
 int tile_width(int nk, const int* khs, const int* kws, int H, int W) {
   long best = -1;
-  int best_t = 8;
-  for (int t = 8; t >= 4; --t) {
+  int best_t = kMaxTile;
+  for (int t = kMaxTile; t >= 4; --t) {
     long cost = 0;
     for (int k = 0; k < nk; ++k) {
       long rows = 0;
       for (int a = 0; a < H; ++a) rows += std::min(khs[k], khs[k] / 2 - a + H) - std::max(0, khs[k] / 2 - a);
-      long columns = 0;
-      for (int c0 = 0; c0 < W; c0 += t) columns += span(c0, std::min(t, W - c0), kws[k], W).columns();
-      cost += rows * columns * (t + 1);
+      long columns = 0, tiles = 0;
+      for (int c0 = 0; c0 < W; c0 += t, ++tiles) columns += span(c0, std::min(t, W - c0), kws[k], W).columns();
+      cost += rows * (columns * (t + 1) + kTileRowCost * tiles);
     }
     if (best < 0 || cost < best) {
       best = cost;
@@ -143,7 +159,7 @@ int tile_width(int nk, const int* khs, const int* kws, int H, int W) {
 
 // Steps 2 and 3 of one job: every output row of the block, from the packed map P and the block's kernels K.
 template <int T>
-void block_rows(const Geometry& g, const float* P, const float* K, v16 bias, v16* A, float* ob, int nc) {
+void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* A, float* ob, int nc) {
   const int H = g.H, W = g.W, C = g.C;
   for (int a = 0; a < H; ++a) {
     for (int c = 0; c < round_up(W, T); ++c) A[c] = bias;
@@ -169,7 +185,7 @@ void block_rows(const Geometry& g, const float* P, const float* K, v16 bias, v16
       for (int c = 0; c < W; ++c) {
         __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C, 1);
         __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C + L - 1, 1);
-        *reinterpret_cast<v16u*>(o + static_cast<size_t>(c) * C) = A[c];
+        *reinterpret_cast<vfu*>(o + static_cast<size_t>(c) * C) = A[c];
       }
     } else {
       for (int c = 0; c < W; ++c)
@@ -194,7 +210,7 @@ void run(const float* x, float* out, const std::vector<const float*>& ws, const 
   for (int k = 0; k < g.nk; ++k) g.PL = std::max(g.PL, kws[k] / 2);
   const int nb = (C + L - 1) / L, Wr = round_up(W, g.T);
   g.cols = Wr + 2 * g.PL;
-  // a block's kernels as K[k][i][T - 1 + j][16] with T - 1 zero taps each side of every row and zero lanes past the
+  // a block's kernels as K[k][i][T - 1 + j][L] with T - 1 zero taps each side of every row and zero lanes past the
   // last channel, re-laid out by a job whose thread does not hold them already (from its previous job)
   std::vector<size_t> koff(g.nk);
   size_t kblock = 0;
@@ -219,7 +235,7 @@ void run(const float* x, float* out, const std::vector<const float*>& ws, const 
       const int b = block_major ? static_cast<int>(job % B) : static_cast<int>(job / nb), nc = std::min(L, C - cb * L);
       const float* xb = x + static_cast<size_t>(b) * H * W * C + cb * L;
       float* ob = out + static_cast<size_t>(b) * H * W * C + cb * L;
-      v16i lanes;
+      vi lanes;
       for (int l = 0; l < L; ++l) lanes[l] = l < nc ? -1 : 0;
 
       float* K = kbuf.get(kblock * L);
@@ -227,10 +243,10 @@ void run(const float* x, float* out, const std::vector<const float*>& ws, const 
         for (int k = 0; k < g.nk; ++k) {
           const int kh = khs[k], kw = kws[k], kwp = g.kwp(k), taps = kh * kw;
           const float* w0 = ws[k] + static_cast<size_t>(cb) * L * taps;
-          v16* Kk = reinterpret_cast<v16*>(K) + koff[k];
+          vf* Kk = reinterpret_cast<vf*>(K) + koff[k];
           for (int i = 0; i < kh; ++i)
             for (int j = -(g.T - 1); j < kw + g.T - 1; ++j) {
-              v16 v = v16{};
+              vf v = vf{};
               if (j >= 0 && j < kw)
                 for (int l = 0; l < nc; ++l) v[l] = w0[static_cast<size_t>(l) * taps + i * kw + j];
               Kk[static_cast<size_t>(i) * kwp + g.T - 1 + j] = v;
@@ -259,26 +275,28 @@ void run(const float* x, float* out, const std::vector<const float*>& ws, const 
           __builtin_prefetch(src + kPrefetch * C);  // never faults, even past the end of x
           __builtin_prefetch(src + kPrefetch * C + L - 1);
           if (nc == L) {
-            *reinterpret_cast<v16*>(d) = *reinterpret_cast<const v16u*>(src);
+            *reinterpret_cast<vf*>(d) = *reinterpret_cast<const vfu*>(src);
           } else if (!last_row || c + 1 < W) {  // a full-vector read stays inside x
-            *reinterpret_cast<v16*>(d) = (v16)((v16i)(*reinterpret_cast<const v16u*>(src)) & lanes);
+            *reinterpret_cast<vf*>(d) = (vf)((vi)(*reinterpret_cast<const vfu*>(src)) & lanes);
           } else {
             for (int l = 0; l < L; ++l) d[l] = l < nc ? src[l] : 0.f;
           }
         }
       }
-      v16 bv = v16{};
+      vf bv = vf{};
       if (bias != nullptr)
         for (int l = 0; l < nc; ++l) bv[l] = bias[cb * L + l];
 
       // 2 and 3: output rows, accumulated in A[Wr] from the bias, then written
-      v16* A = reinterpret_cast<v16*>(abuf.get(static_cast<size_t>(L) * Wr));
+      vf* A = reinterpret_cast<vf*>(abuf.get(static_cast<size_t>(L) * Wr));
       switch (g.T) {
         case 4: block_rows<4>(g, P, K, bv, A, ob, nc); break;
         case 5: block_rows<5>(g, P, K, bv, A, ob, nc); break;
         case 6: block_rows<6>(g, P, K, bv, A, ob, nc); break;
         case 7: block_rows<7>(g, P, K, bv, A, ob, nc); break;
-        default: block_rows<8>(g, P, K, bv, A, ob, nc); break;
+        default:
+          if constexpr (kMaxTile == 8) block_rows<8>(g, P, K, bv, A, ob, nc);
+          break;
       }
     }
   });
@@ -330,4 +348,6 @@ int64_t tile_width_for(const std::vector<int64_t>& khs, const std::vector<int64_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dwconv_sum", &dwconv_sum, "sum_k depthwise conv2d(x, w_k) + bias (CPU, float32, channels_last)");
   m.def("tile_width", &tile_width_for, "outputs per register tile dwconv_sum uses for kernels (khs, kws) on H×W");
+  m.attr("lanes") = L;  // channels per job (floats per vector) in this build
+  m.attr("max_tile_width") = kMaxTile;
 }
