@@ -150,13 +150,20 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 def test_reused_buffers_are_repadded_when_the_geometry_changes():
-    # Each thread keeps its packing buffer and zeroes the padding only when the map geometry changes. On one thread
+    # Each thread keeps its packing buffer and zeroes the padding only when its layout changes. On one thread
     # every call reuses the same buffer: the second geometry writes map values where the first one's padding was,
     # so the third call (the first geometry again) is wrong unless the padding is zeroed again.
     cases = [random_unit((1, 16, 10, 30), [(5, 21), (9, 3)], True, True, seed=1),
              random_unit((1, 16, 20, 14), [(5, 5)], True, True, seed=2),
              random_unit((1, 16, 10, 30), [(5, 21), (9, 3)], True, True, seed=3),
-             random_unit((1, 16, 10, 30), [(5, 13)], True, True, seed=4)]  # same map, narrower padding
+             random_unit((1, 16, 10, 30), [(5, 13)], True, True, seed=4),  # same map, narrower padding
+             # same map and padding, different tile widths (so a different packed row length): 7, then 5 (AVX-512)
+             random_unit((1, 16, 10, 20), [(1, 13), (3, 1)], True, True, seed=5),
+             random_unit((1, 16, 10, 20), [(9, 13), (3, 1)], True, True, seed=6)]
+    kernel = cpu_kernel.load_cpu_kernel()
+    widths = [kernel.tile_width([w.shape[2] for w in ws], [w.shape[3] for w in ws], *x.shape[2:])
+              for x, ws, _ in cases[-2:]]
+    assert widths[0] != widths[1] or kernel.lanes != 16, widths  # the case this test is for
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

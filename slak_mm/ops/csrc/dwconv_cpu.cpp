@@ -258,14 +258,15 @@ void run(const float* x, float* out, const std::vector<const float*>& ws, const 
 
       // 1. pack (zero padding left and right of the map; lanes past the last channel zero)
       float* P = pbuf.get(L * H * g.cols);
-      // the padding is zeroed once per buffer and geometry: later jobs only overwrite the map
+      // the padding is zeroed once per buffer and layout (map size, left padding, row length, which also depends
+      // on the tile width): later jobs only overwrite the map
       thread_local const float* zeroed = nullptr;
-      thread_local int zgeom[3] = {0, 0, 0};
-      const int geom[3] = {H, W, g.PL};
-      if (zeroed != P || !std::equal(geom, geom + 3, zgeom)) {
+      thread_local size_t zgeom[4] = {0, 0, 0, 0};
+      const size_t geom[4] = {static_cast<size_t>(H), static_cast<size_t>(W), static_cast<size_t>(g.PL), g.cols};
+      if (zeroed != P || !std::equal(geom, geom + 4, zgeom)) {
         std::memset(P, 0, sizeof(float) * L * H * g.cols);
         zeroed = P;
-        std::copy(geom, geom + 3, zgeom);
+        std::copy(geom, geom + 4, zgeom);
       }
       for (int a = 0; a < H; ++a) {
         const float* src = xb + static_cast<size_t>(a) * W * C;
