@@ -28,17 +28,26 @@ def _close(out, ref):
     return (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the calls that reach the C++ kernel."""
-    calls = []
-    real = cpu_kernel.cpu_dwconv_sum
+class KernelCalls:
+    """Runs of the C++ kernel since this object was made (``len``) and the kernel shapes of the latest run (after
+    clipping to the map), read from the kernel's own counters: dwconv2d_sum reaches it through either entry."""
 
-    def spy(x, weights, bias):
-        calls.append([tuple(w.shape[2:]) for w in weights])
-        return real(x, weights, bias)
-    monkeypatch.setattr(cpu_kernel, 'cpu_dwconv_sum', spy)
-    return calls
+    def __init__(self):
+        self.kernel = cpu_kernel.load_cpu_kernel()
+        assert self.kernel is not None, 'the C++ CPU kernel did not build (is g++ installed?)'
+        self.start = self.kernel.calls()
+
+    def __len__(self):
+        return self.kernel.calls() - self.start
+
+    @property
+    def last(self):
+        return [tuple(k) for k in self.kernel.last_kernels()]
+
+
+@pytest.fixture
+def kernel_calls():
+    return KernelCalls()
 
 
 def test_kernel_builds_here():
@@ -65,7 +74,7 @@ def test_kernel_matches_float64_conv(shape, kernels, with_bias, channels_last, k
         out = dwconv2d_sum(x, ws, b)
     assert len(kernel_calls) == 1
     h, w = shape[2:]  # taps that only see zero padding are dropped before the kernel runs
-    assert kernel_calls[0] == [(min(k[0], 2 * h - 1), min(k[1], 2 * w - 1)) for k in kernels]
+    assert kernel_calls.last == [(min(k[0], 2 * h - 1), min(k[1], 2 * w - 1)) for k in kernels]
     assert out.shape == shape and out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(x, x0)
@@ -228,7 +237,7 @@ def test_env_switch_and_failed_build_fall_back_with_one_clear_warning(monkeypatc
     ws = [torch.randn(6, 1, 7, 3), torch.randn(6, 1, 3, 7)]
     ref = float64_sum(x, ws, None)
     try:
-        cpu_kernel.load_cpu_kernel.cache_clear()
+        cpu_kernel.forget_cpu_kernel()
         monkeypatch.setenv('SLAK_MM_CPU_KERNEL', '0')
         with warnings.catch_warnings():
             warnings.simplefilter('error')  # switched off: no build, no warning
@@ -236,7 +245,7 @@ def test_env_switch_and_failed_build_fall_back_with_one_clear_warning(monkeypatc
                 assert not cpu_kernel_applies(x, ws, None)
                 assert _close(dwconv2d_sum(x, ws), ref)
 
-        cpu_kernel.load_cpu_kernel.cache_clear()
+        cpu_kernel.forget_cpu_kernel()
         monkeypatch.delenv('SLAK_MM_CPU_KERNEL')
 
         def no_compiler(verbose=False):
@@ -250,7 +259,7 @@ def test_env_switch_and_failed_build_fall_back_with_one_clear_warning(monkeypatc
         assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1  # once, not per call
         assert _close(out1, ref) and torch.equal(out1, out2)
     finally:
-        cpu_kernel.load_cpu_kernel.cache_clear()  # the next test builds / loads the real kernel again
+        cpu_kernel.forget_cpu_kernel()  # the next test builds / loads the real kernel again
 
 
 def test_kernel_rejects_what_it_cannot_compute():
@@ -269,3 +278,120 @@ def test_build_name_is_per_instruction_set():
     name = cpu_kernel.build_name()
     assert name.startswith('slak_mm_dwconv_cpu_')
     assert name.endswith(torch.backends.cpu.get_cpu_capability().lower())
+
+
+def test_one_call_fast_path_runs_plain_float32_inference(kernel_calls, monkeypatch):
+    # Once the kernel is loaded, dwconv2d_sum runs CPU float32 inference through one C++ call (checks, clipping,
+    # layout and kernel): the Python path's kernel entry and its oneDNN / torch paths must not run.
+    from slak_mm.ops import dwconv as dwconv_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError('the fast path did not take this call')
+    for name in ('cpu_dwconv_sum',):
+        monkeypatch.setattr(cpu_kernel, name, must_not_run)
+    for name in ('_fused_dwconv_sum', '_torch_dwconvs', 'check_dwconv_args'):
+        monkeypatch.setattr(dwconv_module, name, must_not_run)
+    torch.manual_seed(5)
+    x = torch.randn(2, 21, 9, 12)  # NCHW: converted inside
+    strided = torch.randn(21, 1, 51, 12)[:, :, :, 3:8]  # a non-contiguous (21, 1, 51, 5) view
+    cases = [(x, [strided, torch.randn(21, 1, 5, 51)], torch.randn(21)),
+             (x.contiguous(memory_format=torch.channels_last), (torch.randn(21, 1, 3, 3),), torch.randn(42)[::2]),
+             (x.requires_grad_(), [torch.randn(21, 1, 7, 1)], None)]  # requires_grad, but no_grad below
+    for i, (xi, ws, b) in enumerate(cases):
+        with torch.no_grad():
+            out = dwconv2d_sum(xi, ws, b)
+        assert len(kernel_calls) == i + 1
+        assert kernel_calls.last == [(min(w.shape[2], 17), min(w.shape[3], 23)) for w in ws]  # clipped to 9×12
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.requires_grad
+        assert _close(out, float64_sum(xi.detach(), ws, b))
+    with torch.inference_mode():
+        assert _close(dwconv2d_sum(*cases[0]), float64_sum(*cases[0]))
+
+
+def test_fast_path_hands_everything_else_back(kernel_calls):
+    # dwconv_sum_auto returns None (and runs nothing) for any call that is not plain float32 CPU inference with
+    # valid arguments; dwconv2d_sum's Python path then raises the clear error or runs the differentiable /
+    # traceable / other-dtype path.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    kernel = kernel_calls.kernel
+    x, ws, b = random_unit((1, 4, 8, 8), [(5, 3), (3, 5)])
+
+    class Subclass(torch.Tensor):  # may override __torch_function__: only the Python path honours it
+        pass
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    bad = {'float64 input': (x.double(), ws, b), 'bfloat16 kernel': (x, [ws[0].bfloat16(), ws[1]], b),
+           'float64 bias': (x, ws, b.double()), 'even kernel': (x, [torch.randn(4, 1, 4, 3)], b),
+           '(C, 2, kh, kw)': (x, [torch.randn(4, 2, 3, 3)], b), 'channel mismatch': (x, [torch.randn(5, 1, 3, 3)], b),
+           '3-D input': (x[0], ws, b), 'empty batch': (x[:0], ws, b), 'bias shape': (x, ws, b[:3]),
+           'meta kernel': (x, [ws[0].to('meta')], b), 'no kernels': (x, [], b), 'not a list': (x, ws[0], b),
+           'not a tensor': (x, [ws[0], 'w'], b), 'sparse input': (x.to_sparse(), ws, b),
+           'trained kernel': (x, [ws[0].clone().requires_grad_(), ws[1]], b),
+           'trained input': (x.clone().requires_grad_(), ws, b), 'tensor subclass': (x.as_subclass(Subclass), ws, b)}
+    for name, args in bad.items():
+        assert kernel.dwconv_sum_auto(*args) is None, name
+    with torch.no_grad():
+        assert kernel.dwconv_sum_auto(*bad['trained input']) is not None  # no gradient needed: runs
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert kernel.dwconv_sum_auto(x, ws, b) is None
+        with Passthrough():
+            assert kernel.dwconv_sum_auto(x, ws, b) is None
+        with FakeTensorMode() as mode:
+            fake = mode.from_tensor(x)
+        assert kernel.dwconv_sum_auto(fake, ws, b) is None
+        traced = []
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', torch.jit.TracerWarning)
+            torch.jit.trace(lambda a: traced.append(kernel.dwconv_sum_auto(a, ws, b)) or a, x, check_trace=False)
+        assert traced == [None]
+    assert len(kernel_calls) == 1  # only the 'no gradient needed' call ran
+
+
+def test_concurrent_callers_get_their_own_results(kernel_calls):
+    # the fast path releases the GIL while it computes: two Python threads, different geometries, run at once
+    import threading
+    cases = [random_unit((2, 40, 9, 15), [(13, 5), (5, 13)], True, True, seed=7),
+             random_unit((1, 24, 20, 6), [(7, 3)], False, False, seed=8)]
+    refs = [float64_sum(*c) for c in cases]
+    errors = []
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(20):
+                if not _close(dwconv2d_sum(*cases[i]), refs[i]):
+                    errors.append(i)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(kernel_calls) == 40
+
+
+def test_backbone_inference_takes_the_fast_path(kernel_calls, monkeypatch):
+    # SLaK's eval (BN-folded) and deployed forwards hand every large-kernel unit to the one-call C++ path
+    from slak_mm.models import SLaK
+    from slak_mm.ops import dwconv as dwconv_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError('a unit left the fast path')
+    torch.manual_seed(0)
+    model = SLaK(dict(depths=[1, 1, 2, 1], dims=[16, 24, 40, 56]), kernel_size=[31, 29, 27, 13, 5]).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = model(x)
+        monkeypatch.setattr(cpu_kernel, 'cpu_dwconv_sum', must_not_run)
+        monkeypatch.setattr(dwconv_module, 'check_dwconv_args', must_not_run)
+        start = len(kernel_calls)
+        out = model(x)
+        assert len(kernel_calls) - start == 5  # one call per block
+        model.switch_to_deploy()
+        deployed = model(x)
+        assert len(kernel_calls) - start == 10
+    for a, b, c in zip(ref, out, deployed):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(c, a, rtol=0, atol=1e-5)

@@ -9,6 +9,7 @@ from slak_mm.ops import dwconv2d
 from slak_mm.ops import dwconv2d_branches
 from slak_mm.ops import dwconv2d_sum
 from slak_mm.ops.cpu_fusion import cpu_fusions_disabled
+from slak_mm.ops.cpu_kernel import load_cpu_kernel
 from slak_mm.ops.dwconv import (clip_to_input, fft_weight_grad, fft_weight_grad_wins, fused_sum_applies, nchw_wins,
                                 transposed_kernels)
 
@@ -68,11 +69,14 @@ def test_clipping_removes_only_padding_taps():
     (dict(w_device='meta'), ValueError, 'different devices'),  # a second device without needing a GPU
     (dict(bias=(3,)), ValueError, r'bias must have shape \(4,\)'),
 ])
-def test_bad_input_raises(args, err, match):
+@pytest.mark.parametrize('grad', [True, False])
+def test_bad_input_raises(args, err, match, grad):
+    # without gradients, with the C++ CPU kernel loaded: its one-call fast path must hand bad input back to the checks
+    assert load_cpu_kernel() is not None
     x = torch.zeros(args.get('x', (1, 4, 8, 8)), dtype=args.get('x_dtype', torch.float32))
     w = torch.zeros(args.get('w', (4, 1, 3, 3)), device=args.get('w_device', 'cpu'))
     bias = torch.zeros(args['bias']) if 'bias' in args else None
-    with pytest.raises(err, match=match):
+    with pytest.raises(err, match=match), torch.set_grad_enabled(grad):
         dwconv2d(x, w, bias, impl=args.get('impl', 'auto'))
 
 

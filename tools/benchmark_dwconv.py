@@ -21,11 +21,14 @@ fraction is the median of the per-repeat rate ratios (one GEMM figure at the sta
 between runs on a shared VM). The fraction is given twice: for the dense MACs (every tap of every output, as if the
 map were infinite; an implementation that skips taps in the zero padding can pass 100% on small maps) and for the
 in-map MACs (only the taps that land inside the map: the work any exact implementation must do, so 100% means
-running that work at the GEMM's rate). The nchw/ours and cl/ours speed-ups are medians of per-repeat
-ratios (each repeat times all three back to back). Prints a markdown table and writes JSON with the device name.
-Each sample is one call, right after a different function (cold caches, as inside a network, where the unit follows
-the MLP's GEMMs); ``--calls N`` times N back-to-back calls per sample instead (warm caches, as the 13 ms GEMM is for
-most of its run), which shows how much of a small unit's time is cold-start.
+running that work at the GEMM's rate). For eval_sum, 'in-map bound' is the in-map fraction of a unit that ran its
+in-map work at the GEMM's rate and then read its input and wrote its output as fast as ``torch.relu`` does (timed
+as 'pass' in the same shuffled rounds, so in the same cold state): t_arith / (t_arith + t_pass). Only overlapping
+memory traffic with arithmetic beats it; weights are not counted, so it is generous. The nchw/ours and cl/ours
+speed-ups are medians of per-repeat ratios (each repeat times all three back to back). Prints a markdown table and
+writes JSON with the device name. Each sample is one call, right after a different function (cold caches, as inside
+a network, where the unit follows the MLP's GEMMs); ``--calls N`` times N back-to-back calls per sample instead
+(warm caches, as the 13 ms GEMM is for most of its run), which shows how much of a small unit's time is cold-start.
 """
 import argparse
 import json
@@ -142,8 +145,8 @@ def main() -> None:
     print(f'device: {dev}; fp32 GEMM (2048^3) at the start of this run: {gemm:.1f} GF/s')
     rows = []
     print('| input | stage | B×C×H×W | dtype | phase | unit ours (ms) | nchw (ms) | cl (ms) | nchw/ours | cl/ours '
-          '| onednn/ours | ours GF/s | % GEMM (dense) | % GEMM (in-map) |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+          '| onednn/ours | ours GF/s | % GEMM (dense) | % GEMM (in-map) | in-map bound |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
     for h_in, w_in in sizes:
         size = size_label((h_in, w_in))
         batch = args.batch or ((8 if h_in <= 224 else 1) if device.type == 'cpu' else gpu_batch(h_in, w_in))
@@ -152,6 +155,7 @@ def main() -> None:
             for dt in dtypes:
                 dtype = getattr(torch, dt)
                 x = torch.randn(batch, c, h, w, device=device, dtype=dtype)
+                x_pass = x.contiguous(memory_format=torch.channels_last)
                 kernels = [torch.randn(c, 1, *k, device=device, dtype=dtype) * 0.05
                            for k in ((m, SHORT), (SHORT, m), (SHORT, SHORT))]
                 macs = batch * c * h * w * sum(k.shape[2] * k.shape[3] for k in kernels)
@@ -162,9 +166,12 @@ def main() -> None:
                     fns = make_fns(x, kernels, phase)
                     if dt == 'float32':  # the GEMM rate, timed in every repeat next to the unit (see the docstring)
                         fns['gemm'] = lambda: ga @ gb
+                    if phase == 'eval_sum':  # one pass over the activations in the same cache state (see bound below)
+                        fns['pass'] = lambda: torch.relu(x_pass)
                     samples = time_interleaved_samples(fns, device, args.repeats, calls=args.calls)
                     total = medians(samples)
-                    vs_ours = {k: paired_ratio(samples, k, 'ours')[0] for k in samples if k not in ('ours', 'gemm')}
+                    vs_ours = {k: paired_ratio(samples, k, 'ours')[0] for k in samples
+                               if k not in ('ours', 'gemm', 'pass')}
                     times = 3 if phase == 'fwd_bwd' else 1
                     work = macs_eval if phase == 'eval_sum' else macs * times
                     work_in_map = inmap_eval if phase == 'eval_sum' else inmap * times
@@ -173,13 +180,18 @@ def main() -> None:
                     gemm_ratio = paired_ratio(samples, 'gemm', 'ours')[0] if dt == 'float32' else None
                     frac_gemm = work / GEMM_N ** 3 * gemm_ratio if gemm_ratio else None
                     frac_in_map = work_in_map / GEMM_N ** 3 * gemm_ratio if gemm_ratio else None
+                    bound = None
+                    if gemm_ratio and 'pass' in total:  # in-map work at the GEMM rate, then one activation pass
+                        t_arith = work_in_map / GEMM_N ** 3 * total['gemm']
+                        bound = t_arith / (t_arith + total['pass'])
                     row = dict(input=size, stage=si, shape=[batch, c, h, w], dtype=dt, phase=phase,
                                ms={k: v * 1e3 for k, v in total.items()}, speedup_vs=vs_ours, gflops_ours=gfs,
                                frac_gemm=frac_gemm, frac_gemm_in_map=frac_in_map, macs=work,
-                               macs_in_map=work_in_map)
+                               macs_in_map=work_in_map, frac_gemm_in_map_bound=bound)
                     rows.append(row)
                     frac = (f'{100 * frac_gemm:.0f}% | {100 * frac_in_map:.0f}%' if dt == 'float32'
                             else '– | –')
+                    frac += f' | {100 * bound:.0f}%' if bound is not None else ' | –'
                     onednn = f'{vs_ours["onednn"]:.2f}' if 'onednn' in vs_ours else '–'
                     print(f'| {size} | {si} | {batch}×{c}×{h}×{w} | {dt} | {phase} | {total["ours"] * 1e3:.2f} | '
                           f'{total["nchw"] * 1e3:.2f} | {total["cl"] * 1e3:.2f} | '

@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Set
 import torch
 
 FUSIONS = ('mlp', 'conv_add', 'dwconv_kernel')
-_disabled: Set[str] = set()
+_disabled: Set[str] = set()  # changed in place only: dwconv2d_sum's fast path holds a reference to it
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ no warning); :func:`slak_mm.ops.cpu_fusion.cpu_fusions_disabled` ``('dwconv_kern
 """
 import os
 import warnings
-from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 from typing import List, Optional
@@ -47,9 +46,31 @@ def build_cpu_kernel(verbose: bool = False) -> ModuleType:
     return load(build_name(), [str(SOURCE)], extra_cflags=flags, extra_ldflags=['-fopenmp'], verbose=verbose)
 
 
-@lru_cache(maxsize=None)
+_NOT_LOADED = object()
+_kernel = _NOT_LOADED  # the built module, None where it cannot be built or is switched off, or _NOT_LOADED
+
+
 def load_cpu_kernel() -> Optional[ModuleType]:
-    """The built kernel, or None (with one warning naming the fix) if it cannot be built here."""
+    """The built kernel, or None (with one warning naming the fix) if it cannot be built here. Built or loaded on the
+    first call; later calls return the same answer until :func:`forget_cpu_kernel`."""
+    global _kernel
+    if _kernel is _NOT_LOADED:
+        _kernel = _load()
+    return _kernel
+
+
+def loaded_cpu_kernel() -> Optional[ModuleType]:
+    """The kernel if a :func:`load_cpu_kernel` call already built / loaded it, else None (never builds)."""
+    return None if _kernel is _NOT_LOADED else _kernel
+
+
+def forget_cpu_kernel() -> None:
+    """Make the next :func:`load_cpu_kernel` decide again (re-reads ``SLAK_MM_CPU_KERNEL``; the tests use it)."""
+    global _kernel
+    _kernel = _NOT_LOADED
+
+
+def _load() -> Optional[ModuleType]:
     if not cpu_kernel_wanted():
         return None
     try:
@@ -58,16 +79,14 @@ def load_cpu_kernel() -> Optional[ModuleType]:
         warnings.warn(f'slak_mm: could not build the C++ CPU depthwise kernel ({type(err).__name__}: '
                       f'{str(err).strip()[-300:]}). CPU inference falls back to oneDNN: same results, slower. '
                       f'Install a C++ compiler (e.g. g++) to build it, or set {ENV_SWITCH}=0 to silence this.',
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
         return None
 
 
 def cpu_dwconv_sum(x: torch.Tensor, weights: List[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``bias + sum_k conv2d(x, weights[k])`` ('same' padding, depthwise) with the C++ kernel. ``x`` float32
-    channels_last on the CPU, kernels already clipped to the map; call only where :func:`load_cpu_kernel` is not
-    None. Returns a channels_last tensor. Shows in ``torch.profiler`` as ``slak_mm::dwconv_cpu``."""
-    kernel = load_cpu_kernel()
-    if not torch.autograd._profiler_enabled():  # the range costs ~0.1 ms per call after a GEMM (measured)
-        return kernel.dwconv_sum(x, weights, bias)
-    with torch.profiler.record_function('slak_mm::dwconv_cpu'):
-        return kernel.dwconv_sum(x, weights, bias)
+    channels_last on the CPU; kernels of any strides (the taps that only reach the zero padding are dropped without
+    a copy); call only where :func:`load_cpu_kernel` is not None. Returns a channels_last tensor. Shows in
+    ``torch.profiler`` as ``slak_mm::dwconv_cpu``. (:func:`slak_mm.ops.dwconv2d_sum` calls the kernel's
+    ``dwconv_sum_auto`` entry instead once it is loaded: the same computation behind one C++ call.)"""
+    return load_cpu_kernel().dwconv_sum(x, weights, bias)

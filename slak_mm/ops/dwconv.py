@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .cpu_fusion import _disabled as _disabled_fusions
 from .cpu_fusion import cpu_fusion_enabled
+from .cpu_kernel import load_cpu_kernel, loaded_cpu_kernel
 
 IMPLS = ('auto', 'torch', 'triton')
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -270,7 +272,6 @@ def cpu_kernel_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: O
     call that gets this far)."""
     if not (_cpu_f32_inference(x, weights, bias) and cpu_fusion_enabled('dwconv_kernel')):
         return False
-    from .cpu_kernel import load_cpu_kernel
     return load_cpu_kernel() is not None
 
 
@@ -375,6 +376,14 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 def dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor] = None,
                  impl: str = 'auto') -> torch.Tensor:
     """``sum_k dwconv2d(x, weights[k]) + bias`` (1 to 3 kernels of any odd sizes); one Triton pass."""
+    kernel = loaded_cpu_kernel()
+    if (kernel is not None and (impl == 'auto' or impl == 'torch') and 'dwconv_kernel' not in _disabled_fusions
+            and not torch.compiler.is_compiling()):
+        # CPU float32 inference in one C++ call (checks, clipping, layout, kernel), or None for anything else; the
+        # path below then decides, as it does for the first call (which builds / loads the kernel)
+        out = kernel.dwconv_sum_auto(x, weights, bias)
+        if out is not None:
+            return out
     for k, w in enumerate(weights):
         check_dwconv_args(x, w, bias if k == 0 else None, impl)
     if resolve_impl(impl, x) == 'triton':
@@ -383,8 +392,7 @@ def dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optiona
         return dwconv_branches(x, ws, b, sum_outputs=True)
     if cpu_kernel_applies(x, weights, bias):
         from .cpu_kernel import cpu_dwconv_sum
-        h, w = x.shape[2:]
-        return cpu_dwconv_sum(_channels_last(x), [clip_to_input(k, h, w) for k in weights], bias)
+        return cpu_dwconv_sum(_channels_last(x), list(weights), bias)  # clips the kernels to the map itself
     if fused_sum_applies(x, weights, bias):
         return _fused_dwconv_sum(x, weights, bias)
     outs = _torch_dwconvs(x, weights, bias, allow_transpose=True)
