@@ -248,8 +248,9 @@ def transposed_kernels(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> List
 def _cpu_f32_inference(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
     """CPU float32 with no gradient needed, no autocast, not tracing / exporting / compiling: where the CPU
     inference fast paths (which have no backward and are opaque to exporters) may run."""
-    # Written as plain loops, cheapest test first: it runs before every CPU unit, and right after the MLP's GEMMs
-    # have evicted the interpreter's working set, where each Python step costs ~10x its warm time (measured).
+    # Written as plain loops, cheapest test first: it runs before every CPU unit the C++ fast path does not take (the
+    # kernel off or not built: the oneDNN path), right after the MLP's GEMMs have evicted the interpreter's working
+    # set, where each Python step costs ~10x its warm time (measured).
     if x.is_cuda or x.dtype is not torch.float32 or (bias is not None and bias.dtype is not torch.float32):
         return False
     for w in weights:

@@ -352,6 +352,11 @@ bool plain_f32_cpu(const at::Tensor& t) {
          (t.key_set() | ordinary) == ordinary;
 }
 
+// A (C, 1, kh, kw) kernel with odd kh and kw: what a depthwise "same" convolution of C channels takes.
+bool unit_kernel_shape(const at::Tensor& w, int64_t C) {
+  return w.dim() == 4 && w.size(0) == C && w.size(1) == 1 && w.size(2) % 2 == 1 && w.size(3) % 2 == 1;
+}
+
 // No dispatch mode (FakeTensorMode, make_fx, FlopCounterMode, ...), vmap or functionalization active: the thread's
 // included dispatch keys are a subset of plain eager mode's.
 bool eager_dispatch() {
@@ -399,8 +404,7 @@ torch::Tensor dwconv_sum(const torch::Tensor& x, const std::vector<torch::Tensor
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "dwconv_cpu: x must be channels_last");
   TORCH_CHECK(!weights.empty(), "dwconv_cpu: at least one kernel");
   for (const auto& w : weights)
-    TORCH_CHECK(w.dim() == 4 && w.size(0) == x.size(1) && w.size(1) == 1 && w.size(2) % 2 == 1 &&
-                    w.size(3) % 2 == 1 && w.scalar_type() == torch::kFloat32 && w.device().is_cpu() &&
+    TORCH_CHECK(unit_kernel_shape(w, x.size(1)) && w.scalar_type() == torch::kFloat32 && w.device().is_cpu() &&
                     w.layout() == at::kStrided,
                 "dwconv_cpu: each weight must be a float32 CPU (C, 1, kh, kw) tensor with odd kh and kw");
   if (bias.has_value())
@@ -435,8 +439,7 @@ py::object dwconv_sum_auto(py::handle x_obj, py::handle weights_obj, py::handle 
     PyObject* o = PySequence_Fast_GET_ITEM(weights_obj.ptr(), k);  // list or tuple
     if (!THPVariable_CheckExact(o)) return py::none();
     const at::Tensor& w = THPVariable_Unpack(o);
-    if (!plain_f32_cpu(w) || w.dim() != 4 || w.size(0) != x.size(1) || w.size(1) != 1 || w.size(2) % 2 == 0 ||
-        w.size(3) % 2 == 0 || (grad && w.requires_grad()))
+    if (!plain_f32_cpu(w) || !unit_kernel_shape(w, x.size(1)) || (grad && w.requires_grad()))
       return py::none();
     weights.push_back(w);
   }
