@@ -108,6 +108,23 @@ def test_tile_width_fits_the_map():
     assert kernel.max_tile_width == (8 if kernel.lanes == 16 else 7)
 
 
+@pytest.mark.parametrize('shape,kernels,folded', [
+    ((2, 40, 7, 7), [(13, 5), (5, 13)], [(4, 9), (5, 5)]),            # SLaK's bands: the tall one's 5 central rows
+    ((1, 20, 12, 20), [(9, 3), (3, 9), (5, 5)], [(2, 7), (3, 3), (1, 4)]),  # each offset in its widest kernel
+    ((1, 17, 6, 9), [(5, 5), (3, 5), (5, 5)], [(5, 5), (0, 3), (0, 5)]),    # equal widths: the first runs them
+    ((1, 24, 2, 3), [(13, 5), (5, 13)], [(3, 3), (0, 3)])])            # both clipped to 3×5: the wide one folds
+def test_rows_at_one_offset_run_once_in_the_widest_kernel(shape, kernels, folded, kernel_calls):
+    # Kernel rows at the same offset from their kernels' centres are added into the widest of them (the first of equal
+    # widths) and run there once, so the deployed cross's N×N centre is not computed twice. Checked: the rows [s0, s1)
+    # each kernel left to another (none: kh, kh), and the result against the float64 sum of separate convolutions.
+    x, ws, b = random_unit(shape, kernels, True, True)
+    with torch.no_grad():
+        out = dwconv2d_sum(x, ws, b)
+    assert len(kernel_calls) == 1
+    assert [tuple(f) for f in kernel_calls.kernel.last_folded_rows()] == folded
+    assert _close(out, float64_sum(x, ws, b))
+
+
 @pytest.mark.parametrize('capability,lanes', [('avx2', 8), ('default', 4)])
 def test_builds_for_other_instruction_sets_match_float64_conv(capability, lanes):
     # The kernel is built per instruction set, with one vector of floats per job: 16 on AVX-512, 8 on AVX2, 4 for the
@@ -125,11 +142,11 @@ def test_builds_for_other_instruction_sets_match_float64_conv(capability, lanes)
     assert probe.stdout.split() == [f'slak_mm_dwconv_cpu_{capability}', str(lanes), '7']
     tests = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k',
                             'matches_float64_conv and not other_instruction_sets or every_tile_width or fits_the_map '
-                            'or strided or thread_count or repadded'],
+                            'or strided or thread_count or repadded or one_offset'],
                            env=env, capture_output=True, text=True, cwd=ROOT)
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
     passed = re.search(r'(\d+) passed', tests.stdout)
-    assert passed and int(passed.group(1)) >= 45 and 'skipped' not in tests.stdout, tests.stdout[-500:]
+    assert passed and int(passed.group(1)) >= 49 and 'skipped' not in tests.stdout, tests.stdout[-500:]
 
 
 def test_kernel_takes_strided_inputs_and_channels_last_weights(kernel_calls):

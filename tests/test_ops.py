@@ -309,3 +309,10 @@ def test_dwconv_benchmark_counts_in_map_work():
                            padding=(kh // 2, kw // 2)).sum().item() for kh, kw in shapes)
         assert benchmark_dwconv.in_map_macs(2, 3, h, w, shapes) == 2 * 3 * ref
         assert ref < h * w * sum(kh * kw for kh, kw in shapes) or shapes == [(1, 1)]  # padding taps are not counted
+    # eval_sum's unit is the cross the two folded bands make: the same count with a cross-shaped all-ones kernel
+    for (h, w), (m, n) in [((7, 7), (13, 5)), ((16, 9), (51, 5)), ((5, 30), (9, 3))]:
+        cross = torch.zeros(1, 1, m, m, dtype=torch.float64)
+        cross[:, :, (m - n) // 2:(m + n) // 2, :] = 1
+        cross[:, :, :, (m - n) // 2:(m + n) // 2] = 1
+        ref = F.conv2d(torch.ones(1, 1, h, w, dtype=torch.float64), cross, padding=m // 2).sum().item()
+        assert benchmark_dwconv.cross_in_map_macs(2, 3, h, w, m, n) == 2 * 3 * ref

@@ -15,7 +15,8 @@ two bands (M×N with the N×N kernel in its centre, N×M) plus a bias, summed, g
   cl         the same calls on a channels_last input
   onednn     (eval_sum, CPU) ours with the C++ kernel off: oneDNN channels_last, the tall band run as a wide one
              over the transposed map, the second band accumulated inside its convolution (sum post-op)
-and reports GF/s (dense MACs, 3× for forward+backward, 2·M·N per output for eval_sum) and the fraction of this
+and reports GF/s (dense MACs, 3× for forward+backward; for eval_sum the taps of the cross the two bands make,
+2·M·N − N² per output: its N×N centre is one set of taps, so counted once) and the fraction of this
 machine's fp32 GEMM rate: a 1024³ GEMM is timed in every repeat, in the same shuffled round as the unit, and the
 fraction is the median of the per-repeat rate ratios (one GEMM figure at the start of a run moved by up to 1.5×
 between runs on a shared VM). The fraction is given twice: for the dense MACs (every tap of every output, as if the
@@ -68,6 +69,11 @@ def in_map_taps(size: int, k: int) -> int:
 def in_map_macs(batch: int, c: int, h: int, w: int, kernel_shapes) -> int:
     """Multiply-adds of depthwise kernels of ``kernel_shapes`` whose input lands inside an h×w map."""
     return batch * c * sum(in_map_taps(h, kh) * in_map_taps(w, kw) for kh, kw in kernel_shapes)
+
+
+def cross_in_map_macs(batch: int, c: int, h: int, w: int, m: int, n: int) -> int:
+    """In-map multiply-adds of the cross-shaped kernel an M×N and an N×M band make (their shared N×N centre once)."""
+    return in_map_macs(batch, c, h, w, [(m, n), (n, m)]) - in_map_macs(batch, c, h, w, [(n, n)])
 
 
 def make_fns(x: torch.Tensor, kernels, phase: str):
@@ -159,9 +165,9 @@ def main() -> None:
                 kernels = [torch.randn(c, 1, *k, device=device, dtype=dtype) * 0.05
                            for k in ((m, SHORT), (SHORT, m), (SHORT, SHORT))]
                 macs = batch * c * h * w * sum(k.shape[2] * k.shape[3] for k in kernels)
-                macs_eval = batch * c * h * w * 2 * m * SHORT
+                macs_eval = batch * c * h * w * (2 * m - SHORT) * SHORT
                 inmap = in_map_macs(batch, c, h, w, [k.shape[2:] for k in kernels])
-                inmap_eval = in_map_macs(batch, c, h, w, [(m, SHORT), (SHORT, m)])  # the folded bands
+                inmap_eval = cross_in_map_macs(batch, c, h, w, m, SHORT)  # the folded bands' cross
                 for phase in args.phases:
                     fns = make_fns(x, kernels, phase)
                     if dt == 'float32':  # the GEMM rate, timed in every repeat next to the unit (see the docstring)

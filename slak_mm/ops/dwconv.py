@@ -19,7 +19,8 @@ Semantics are exactly ``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), gr
 
 Kernel taps that can only see zero padding (maps smaller than the kernel) are skipped by both paths.
 :func:`dwconv2d_branches` runs SLaK's M×N, N×M and N×N branches of one input in one pass (Triton) and
-:func:`dwconv2d_sum` the sum of several kernels plus bias (the deployed cross-shaped kernel as two bands).
+:func:`dwconv2d_sum` the sum of several kernels plus bias (the deployed cross-shaped kernel as two bands; the CPU
+C++ kernel runs their shared centre once).
 """
 import os
 from functools import lru_cache

@@ -15,9 +15,12 @@
 //      in-map work;
 //   3. writes the row once.
 // While computing, it prefetches its output rows and (small maps) the next job's input. The job re-lays its
-// block's kernels out as K[k][i][j][L], unless its thread's previous job had the same block.
+// block's kernels out as K[k][i][j][L], unless its thread's previous job had the same block; kernel rows at the same
+// offset from the centre are added into the widest one's, which runs them all (host_kernel: the cross-shaped unit's
+// centre runs once).
 // The vectors are GCC/Clang vector extensions, so the same source compiles to AVX-512, AVX2 or SSE (the loader
-// passes the ISA flags). Products are the same as F.conv2d's; only the order of the additions differs.
+// passes the ISA flags). Products are F.conv2d's, except that taps folded into another kernel's row are summed with
+// its tap before the product; the order of the additions differs (float32 rounding).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
@@ -81,13 +84,15 @@ struct Buffer {  // scratch, grown on demand, 64-byte aligned
 
 // A tile of T outputs along a row, two loop orders over the same products; P points at the input column of the
 // tile's first output's first tap, K at its kernel row's first tap, rows of K are kwp floats apart and have T - 1
-// zero taps on each side.
+// zero taps on each side. Kernel rows [s0, s1) of the kh are skipped (folded into another kernel; s0 = kh: none).
 // Tap order: acc[r] += sum_i sum_{j in [j0, j1)} P[i][j + r] * K[i][j]: one weight and T inputs per column j.
 template <int T>
-inline void tile_taps(const float* P, size_t cols, const float* K, int kwp, int kh, int j0, int j1, vf* acc) {
+inline void tile_taps(const float* P, size_t cols, const float* K, int kwp, int kh, int s0, int s1, int j0, int j1,
+                      vf* acc) {
   vf a[T];
   for (int r = 0; r < T; ++r) a[r] = acc[r];
   for (int i = 0; i < kh; ++i) {
+    if (i == s0 && (i = s1) >= kh) break;  // rows [s0, s1) are folded into another kernel
     const float* k = K + static_cast<size_t>(i) * kwp * L;
     const float* p = P + static_cast<size_t>(i) * cols * L;
     for (int j = j0; j < j1; ++j) {
@@ -102,10 +107,12 @@ inline void tile_taps(const float* P, size_t cols, const float* K, int kwp, int 
 // Input order: acc[r] += sum_i sum_{u in [u0, u1)} P[i][u] * K[i][u - r]: one input and T weights per column u
 // (K[i][u - r] is one of the zero taps where output r does not reach input u).
 template <int T>
-inline void tile_inputs(const float* P, size_t cols, const float* K, int kwp, int kh, int u0, int u1, vf* acc) {
+inline void tile_inputs(const float* P, size_t cols, const float* K, int kwp, int kh, int s0, int s1, int u0, int u1,
+                        vf* acc) {
   vf a[T];
   for (int r = 0; r < T; ++r) a[r] = acc[r];
   for (int i = 0; i < kh; ++i) {
+    if (i == s0 && (i = s1) >= kh) break;
     const float* k = K + static_cast<size_t>(i) * kwp * L;
     const float* p = P + static_cast<size_t>(i) * cols * L;
     for (int u = u0; u < u1; ++u) {
@@ -140,29 +147,84 @@ struct KernelView {
   int64_t sc, sh, sw;
 };
 
+// Row folding (the cross-shaped kernel with its centre run once): a kernel row at offset d from its kernel's centre is
+// added, in the re-laid-out kernels, into the row at offset d of the widest kernel that has one (ties: the first),
+// which then runs it with its own taps at no extra cost: a narrower centred row's taps lie inside the wider row's,
+// and both reach the map for the same output rows. Each row offset runs once, as wide as its widest kernel. For
+// SLaK's bands (M×N and N×M) the N central rows of the M×N band fold into the N×M band, so the unit's N×N centre is
+// no longer computed twice (30% fewer in-map products at 7×7, 22% at 16×16, 5% at 128×128).
+int host_kernel(int nk, const int* khs, const int* kws, int d) {
+  int best = -1;
+  for (int m = 0; m < nk; ++m)
+    if (khs[m] / 2 >= std::abs(d) && (best < 0 || kws[m] > kws[best])) best = m;
+  return best;
+}
+
+// Rows [s0[k], s1[k]) of kernel k are folded into other kernels: a central range, because a kernel that is the widest
+// with a row at offset d is also the widest at every larger |d| it has (fewer kernels reach that far). None: kh, kh.
+void folded_rows(int nk, const int* khs, const int* kws, int* s0, int* s1) {
+  for (int k = 0; k < nk; ++k) {
+    s0[k] = s1[k] = khs[k];
+    for (int i = 0; i < khs[k]; ++i)
+      if (host_kernel(nk, khs, kws, i - khs[k] / 2) != k) {
+        if (s0[k] == khs[k]) s0[k] = i;
+        s1[k] = i + 1;
+      }
+  }
+}
+
+// The kernels of one call (clipped to the map), their sizes and their folded rows.
+struct Unit {
+  std::vector<KernelView> views;
+  std::vector<int> khs, kws, s0, s1;
+  explicit Unit(std::vector<KernelView> v) : views(std::move(v)) {
+    for (const KernelView& kv : views) {
+      khs.push_back(kv.kh);
+      kws.push_back(kv.kw);
+    }
+    s0.resize(views.size());
+    s1.resize(views.size());
+    folded_rows(static_cast<int>(views.size()), khs.data(), kws.data(), s0.data(), s1.data());
+  }
+};
+
+// Rows of a kernel kh high that run for output row a of an H-high map: [i0, i1) reach the map, less the folded
+// [f0, f1) (as offsets from i0: [q0, q1), or q0 = q1 = i1 - i0 when none are folded).
+struct RowRange {
+  int i0, i1, q0, q1;
+  RowRange(int kh, int s0, int s1, int a, int H)
+      : i0(std::max(0, kh / 2 - a)), i1(std::min(kh, kh / 2 - a + H)) {
+    const int f0 = std::max(s0, i0), f1 = std::min(s1, i1);
+    q0 = f0 < f1 ? f0 - i0 : i1 - i0;
+    q1 = f0 < f1 ? f1 - i0 : i1 - i0;
+  }
+  int runs() const { return i1 - i0 - (q1 - q0); }
+};
+
 struct Geometry {
   int nk, H, W, C, PL, T;
   size_t cols;  // packed row length (pixels), PL zero pixels each side of the map and of the tiles' overhang
   const int *khs, *kws;
+  const int *s0, *s1;  // folded rows of each kernel
   const size_t* koff;  // offset (vectors of L floats) of kernel k in a block's re-laid-out kernels
   int kwp(int k) const { return kws[k] + 2 * (T - 1); }
 };
 
-// Outputs per tile for this call: the T in [4, kMaxTile] with the fewest load slots, T + 1 per column (one weight
-// and T inputs, or one input and T weights) plus kTileRowCost per kernel row (loop and pointer set-up), summed over
-// every tile of every kernel row that runs; ties go to the larger T. Narrow maps get short or exactly fitting tiles
-// (a 14-wide map runs two tiles of 7), wide ones the widest. Against every width forced, at SLaK-T's 9 stage map
-// shapes: the pick was the fastest or within 7% of it on AVX-512 and, with the set-up term (without it: 4-output
-// tiles on a 32-wide map, 1.4x slower), within 4% at 8 of 9 shapes on AVX2.
+// Outputs per tile for this call: the T in [4, kMaxTile] with the fewest load slots, T + 1 per column (one weight and T
+// inputs, or one input and T weights) plus kTileRowCost per kernel row (loop and pointer set-up), summed over every
+// tile of every kernel row that runs (folded rows, [s0, s1), do not); ties go to the larger T. Narrow maps get short or
+// exactly fitting tiles (a 14-wide map runs two tiles of 7), wide ones the widest. Against every width forced, at
+// SLaK-T's 9 stage map shapes: the pick was the fastest or within 7% of it on AVX-512 and, with the set-up term
+// (without it: 4-output tiles on a 32-wide map, 1.4x slower), within 4% at 8 of 9 shapes on AVX2.
 constexpr long kTileRowCost = 8;
-int tile_width(int nk, const int* khs, const int* kws, int H, int W) {
+int tile_width(int nk, const int* khs, const int* kws, const int* s0, const int* s1, int H, int W) {
   long best = -1;
   int best_t = kMaxTile;
   for (int t = kMaxTile; t >= 4; --t) {
     long cost = 0;
     for (int k = 0; k < nk; ++k) {
       long rows = 0;
-      for (int a = 0; a < H; ++a) rows += std::min(khs[k], khs[k] / 2 - a + H) - std::max(0, khs[k] / 2 - a);
+      for (int a = 0; a < H; ++a) rows += RowRange(khs[k], s0[k], s1[k], a, H).runs();
       long columns = 0, tiles = 0;
       for (int c0 = 0; c0 < W; c0 += t, ++tiles) columns += span(c0, std::min(t, W - c0), kws[k], W).columns();
       cost += rows * (columns * (t + 1) + kTileRowCost * tiles);
@@ -196,7 +258,9 @@ void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* 
     for (int c = 0; c < round_up(W, T); ++c) A[c] = bias;
     for (int k = 0; k < g.nk; ++k) {
       const int kh = g.khs[k], kw = g.kws[k], kwp = g.kwp(k);
-      const int i0 = std::max(0, kh / 2 - a), i1 = std::min(kh, kh / 2 - a + H);
+      const RowRange rr(kh, g.s0[k], g.s1[k], a, H);
+      if (rr.runs() == 0) continue;  // every row that reaches the map is folded into another kernel
+      const int i0 = rr.i0, n = rr.i1 - rr.i0;
       // output (a, c) and tap (i, j) read x[a + i - kh/2][c + j - kw/2]: start at map row a + i0 - kh/2, kernel
       // row i0, tap 0 (T - 1 zero taps precede it)
       const float* Pa = P + (static_cast<size_t>(a + i0 - kh / 2) * g.cols + (g.PL - kw / 2)) * L;
@@ -205,9 +269,9 @@ void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* 
         const Span sp = span(c0, std::min(T, W - c0), kw, W);
         const float* Pt = Pa + static_cast<size_t>(c0) * L;
         if (sp.inputs())
-          tile_inputs<T>(Pt, g.cols, Ka, kwp, i1 - i0, sp.u0, sp.u1, A + c0);
+          tile_inputs<T>(Pt, g.cols, Ka, kwp, n, rr.q0, rr.q1, sp.u0, sp.u1, A + c0);
         else
-          tile_taps<T>(Pt, g.cols, Ka, kwp, i1 - i0, sp.j0, sp.j1, A + c0);
+          tile_taps<T>(Pt, g.cols, Ka, kwp, n, rr.q0, rr.q1, sp.j0, sp.j1, A + c0);
       }
     }
     // 3. write the valid channels
@@ -225,21 +289,21 @@ void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* 
   }
 }
 
-void run(const float* x, float* out, const std::vector<KernelView>& ws, const float* bias, int64_t bias_stride,
-         int B, int C, int H, int W) {
+void run(const float* x, float* out, const Unit& u, const float* bias, int64_t bias_stride, int B, int C, int H,
+         int W) {
+  const std::vector<KernelView>& ws = u.views;
+  const std::vector<int>& khs = u.khs;
+  const std::vector<int>& kws = u.kws;
   Geometry g;
   g.nk = static_cast<int>(ws.size());
-  std::vector<int> khs(g.nk), kws(g.nk);
-  for (int k = 0; k < g.nk; ++k) {
-    khs[k] = ws[k].kh;
-    kws[k] = ws[k].kw;
-  }
   g.H = H;
   g.W = W;
   g.C = C;
   g.khs = khs.data();
   g.kws = kws.data();
-  g.T = tile_width(g.nk, g.khs, g.kws, H, W);
+  g.s0 = u.s0.data();
+  g.s1 = u.s1.data();
+  g.T = tile_width(g.nk, g.khs, g.kws, g.s0, g.s1, H, W);
   // left / right padding of the packed map, enough for every kernel and tile overhang; no padding rows, because no
   // tap that reads above or below the map is run
   g.PL = 0;
@@ -255,6 +319,16 @@ void run(const float* x, float* out, const std::vector<KernelView>& ws, const fl
     kblock += static_cast<size_t>(khs[k]) * g.kwp(k);
   }
   g.koff = koff.data();
+  // where each kernel row goes in K (vectors of L floats, at its tap 0): its own row, or the row it is folded into
+  std::vector<size_t> row_base(g.nk), row_dst;
+  for (int k = 0; k < g.nk; ++k) {
+    row_base[k] = row_dst.size();
+    for (int i = 0; i < khs[k]; ++i) {
+      const int m = host_kernel(g.nk, g.khs, g.kws, i - khs[k] / 2);
+      row_dst.push_back(koff[m] + static_cast<size_t>(i - khs[k] / 2 + khs[m] / 2) * g.kwp(m) + g.T - 1 +
+                        (kws[m] - kws[k]) / 2);
+    }
+  }
   // Job order: on small maps block-major, so that a thread re-lays a block's kernels out once for all images
   // (1.2-1.4x faster at 7-14 px, batch 8); on larger maps image-major, so that consecutive jobs read the adjacent
   // channels of one image and share the cache lines that straddle their blocks (1.05-1.08x at 40-56 px, batch 4-8).
@@ -276,18 +350,20 @@ void run(const float* x, float* out, const std::vector<KernelView>& ws, const fl
       for (int l = 0; l < L; ++l) lanes[l] = l < nc ? -1 : 0;
 
       float* K = kbuf.get(kblock * L);
-      // zeroed (zero taps, zero lanes), then each channel's taps copied into its lane: reads each channel's taps in
-      // order, where filling one vector at a time gathered L strided floats into it (1.02-1.09x faster per call)
+      // zeroed (zero taps, zero lanes), then each channel's taps added into its lane of their row (a folded row:
+      // into its host's): reads each channel's taps in order, where filling one vector at a time gathered L strided
+      // floats into it (1.02-1.09x faster per call)
       if (k_call != call || k_cb != cb) {
         std::memset(K, 0, sizeof(float) * kblock * L);
         for (int k = 0; k < g.nk; ++k) {
           const KernelView& kv = ws[k];
-          const int kh = kv.kh, kw = kv.kw, kwp = g.kwp(k);
-          float* Kk = K + (koff[k] + g.T - 1) * L;
+          const size_t* dst = row_dst.data() + row_base[k];
           for (int l = 0; l < nc; ++l) {
             const float* w = kv.p + (cb * L + l) * kv.sc;
-            for (int i = 0; i < kh; ++i)
-              for (int j = 0; j < kw; ++j) Kk[(static_cast<size_t>(i) * kwp + j) * L + l] = w[i * kv.sh + j * kv.sw];
+            for (int i = 0; i < kv.kh; ++i) {
+              float* Ki = K + dst[i] * L + l;
+              for (int j = 0; j < kv.kw; ++j) Ki[static_cast<size_t>(j) * L] += w[i * kv.sh + j * kv.sw];
+            }
           }
         }
         k_call = call;
@@ -372,8 +448,9 @@ KernelView clipped_view(const at::Tensor& w, int H, int W) {
   return {w.data_ptr<float>() + (kh - kh2) / 2 * sh + (kw - kw2) / 2 * sw, kh2, kw2, sc, sh, sw};
 }
 
-// Kernel shapes (after clipping) of the latest call, for the tests (calls may run without the GIL: locked).
-std::vector<std::pair<int, int>> g_last_kernels;
+// Kernel shapes (after clipping) and folded rows of the latest call, for the tests (calls may run without the GIL:
+// locked).
+std::vector<std::pair<int, int>> g_last_kernels, g_last_folded;
 std::mutex g_last_kernels_lock;
 
 torch::Tensor run_unit(const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor* bias) {
@@ -381,14 +458,19 @@ torch::Tensor run_unit(const at::Tensor& x, const std::vector<at::Tensor>& weigh
   const int B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   std::vector<KernelView> views;
   for (const auto& w : weights) views.push_back(clipped_view(w, H, W));
+  const Unit u(std::move(views));
   {
     std::lock_guard<std::mutex> lock(g_last_kernels_lock);
     g_last_kernels.clear();
-    for (const auto& v : views) g_last_kernels.emplace_back(v.kh, v.kw);
+    g_last_folded.clear();
+    for (size_t k = 0; k < u.views.size(); ++k) {
+      g_last_kernels.emplace_back(u.khs[k], u.kws[k]);
+      g_last_folded.emplace_back(u.s0[k], u.s1[k]);
+    }
   }
   auto out = torch::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() > 0)
-    run(x.data_ptr<float>(), out.data_ptr<float>(), views, bias ? bias->data_ptr<float>() : nullptr,
+    run(x.data_ptr<float>(), out.data_ptr<float>(), u, bias ? bias->data_ptr<float>() : nullptr,
         bias ? bias->stride(0) : 0, B, C, H, W);
   return out;
 }
@@ -462,8 +544,11 @@ py::object dwconv_sum_auto(py::handle x_obj, py::handle weights_obj, py::handle 
 // The tile width dwconv_sum uses for these kernels on an H×W map (exposed for the tests' coverage check).
 int64_t tile_width_for(const std::vector<int64_t>& khs, const std::vector<int64_t>& kws, int64_t H, int64_t W) {
   TORCH_CHECK(khs.size() == kws.size() && !khs.empty() && H > 0 && W > 0, "tile_width: bad arguments");
+  const int nk = static_cast<int>(khs.size());
   const std::vector<int> kh(khs.begin(), khs.end()), kw(kws.begin(), kws.end());
-  return tile_width(static_cast<int>(kh.size()), kh.data(), kw.data(), static_cast<int>(H), static_cast<int>(W));
+  std::vector<int> s0(nk), s1(nk);
+  folded_rows(nk, kh.data(), kw.data(), s0.data(), s1.data());
+  return tile_width(nk, kh.data(), kw.data(), s0.data(), s1.data(), static_cast<int>(H), static_cast<int>(W));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -480,6 +565,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return g_last_kernels;
       },
       "(kh, kw) of each kernel the latest run used, after clipping");
+  m.def(
+      "last_folded_rows",
+      [] {
+        std::lock_guard<std::mutex> lock(g_last_kernels_lock);
+        return g_last_folded;
+      },
+      "rows [s0, s1) of each kernel of the latest run folded into a wider kernel's rows (none: kh, kh)");
   m.attr("lanes") = L;  // channels per job (floats per vector) in this build
   m.attr("max_tile_width") = kMaxTile;
 }
