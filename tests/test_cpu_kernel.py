@@ -86,15 +86,15 @@ def test_every_tile_width_and_loop_order_matches_float64_conv():
     # tile runs either the taps that reach the map or the map columns its outputs reach (whichever is fewer). Maps
     # 1-40 wide under kernels 1-31 wide run every tile width, partial last tiles and both orders (the second one
     # wherever the map is narrower than the kernel); the tile widths are checked to all occur, so the sweep cannot
-    # silently narrow.
+    # silently narrow. Maps 5 rows high: on AVX-512 two rows per tile, then the last row alone.
     kernel = cpu_kernel.load_cpu_kernel()
     widths = set()
     with torch.no_grad():
         for w in range(1, 41):
             for kernels in ([(3, 31), (5, 3)], [(1, 13)], [(7, 5), (3, 9), (1, 1)]):
                 kernels = [(kh, min(kw, 2 * w - 1)) for kh, kw in kernels]
-                x, ws, b = random_unit((1, 17, 4, w), kernels, True, True, seed=w)
-                widths.add(kernel.tile_width([k[0] for k in kernels], [k[1] for k in kernels], 4, w))
+                x, ws, b = random_unit((1, 17, 5, w), kernels, True, True, seed=w)
+                widths.add(kernel.tile_width([k[0] for k in kernels], [k[1] for k in kernels], 5, w))
                 out = cpu_kernel.cpu_dwconv_sum(x, ws, b)
                 assert _close(out, float64_sum(x, ws, b)), (w, kernels)
     assert widths == set(range(4, kernel.max_tile_width + 1))
@@ -142,11 +142,11 @@ def test_builds_for_other_instruction_sets_match_float64_conv(capability, lanes)
     assert probe.stdout.split() == [f'slak_mm_dwconv_cpu_{capability}', str(lanes), '7']
     tests = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k',
                             'matches_float64_conv and not other_instruction_sets or every_tile_width or fits_the_map '
-                            'or strided or thread_count or repadded or one_offset'],
+                            'or strided or thread_count or repadded or rezeroed or one_offset'],
                            env=env, capture_output=True, text=True, cwd=ROOT)
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
     passed = re.search(r'(\d+) passed', tests.stdout)
-    assert passed and int(passed.group(1)) >= 49 and 'skipped' not in tests.stdout, tests.stdout[-500:]
+    assert passed and int(passed.group(1)) >= 50 and 'skipped' not in tests.stdout, tests.stdout[-500:]
 
 
 def test_kernel_takes_strided_inputs_and_channels_last_weights(kernel_calls):
@@ -175,6 +175,19 @@ def test_results_do_not_depend_on_the_thread_count():
     assert torch.equal(one, many)  # each job owns its channels: no reduction across threads
 
 
+def _match_float64_on_one_thread(cases):
+    """Each (x, weights, bias) of ``cases`` through dwconv2d_sum on one thread (so every call reuses that thread's
+    buffers), checked against the float64 sum."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            for x, ws, b in cases:
+                assert _close(dwconv2d_sum(x, ws, b), float64_sum(x, ws, b))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_reused_buffers_are_repadded_when_the_geometry_changes():
     # Each thread keeps its packing buffer and zeroes the padding only when its layout changes. On one thread
     # every call reuses the same buffer: the second geometry writes map values where the first one's padding was,
@@ -190,14 +203,20 @@ def test_reused_buffers_are_repadded_when_the_geometry_changes():
     widths = [kernel.tile_width([w.shape[2] for w in ws], [w.shape[3] for w in ws], *x.shape[2:])
               for x, ws, _ in cases[-2:]]
     assert widths[0] != widths[1] or kernel.lanes != 16, widths  # the case this test is for
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        with torch.no_grad():
-            for x, ws, b in cases:
-                assert _close(dwconv2d_sum(x, ws, b), float64_sum(x, ws, b))
-    finally:
-        torch.set_num_threads(threads)
+    _match_float64_on_one_thread(cases)
+
+
+def test_reused_kernel_buffers_are_rezeroed_when_the_layout_changes():
+    # Each thread also keeps its re-laid-out kernels and writes their zero taps (T - 1 each side of every row) only
+    # when the layout (tile width, kernel sizes) changes; later calls overwrite just the taps. The same 3×9 kernel on a
+    # 40-wide map and then on a narrower one with another tile width (AVX-512: 8, then 7 on a 7-wide map) has rows of
+    # another length, so the first layout's taps land in the second one's zero taps, which the narrow map reads (its
+    # tiles loop over map columns, the kernel being wider than the map).
+    kernel = cpu_kernel.load_cpu_kernel()
+    wide = kernel.tile_width([3], [9], 4, 40)
+    narrow = next(w for w in range(8, 1, -1) if kernel.tile_width([3], [9], 4, w) != wide)
+    cases = [random_unit((1, 16, 4, w), [(3, 9)], True, True, seed=s) for s, w in enumerate((40, narrow, 40))]
+    _match_float64_on_one_thread(cases)
 
 
 def test_kernel_runs_only_for_float32_inference(kernel_calls):

@@ -7,13 +7,14 @@
 // channels (one vector: 16 on AVX-512, 8 on AVX2, 4 otherwise) of one image and
 //   1. packs it into an aligned buffer P[H][cols][L], zero-padded left and right (one read of x; no boundary tests
 //      later; the padding is zeroed once per thread and map geometry, later jobs only overwrite the map);
-//   2. computes the output one row at a time into an aligned scratch A[W][L] (starting from the bias), every
-//      kernel adding into it as register tiles of T outputs along the row (T in [4, 8], chosen per call from the
+//   2. computes the output kRows rows at a time (2 on AVX-512, else 1) into an aligned scratch A[kRows][W][L]
+//      (starting from the bias), every kernel adding into it as register tiles of T outputs along each row (on
+//      AVX-512 two rows, which share their input loads; T in [4, 8], chosen per call from the
 //      map and kernel widths, see tile_width); each tile runs only the kernel rows that reach the map, and either
 //      the taps that reach the map for at least one of its outputs or the map columns that at least one of its
 //      outputs reaches, whichever is fewer (Span): on a map narrower than the kernel the second is exactly the
 //      in-map work;
-//   3. writes the row once.
+//   3. writes the rows once.
 // While computing, it prefetches its output rows and (small maps) the next job's input. The job re-lays its
 // block's kernels out as K[k][i][j][L], unless its thread's previous job had the same block; kernel rows at the same
 // offset from the centre are added into the widest one's, which runs them all (host_kernel: the cross-shaped unit's
@@ -52,6 +53,10 @@ constexpr int L = 4;  // SSE2 / NEON
 // every SLaK-T stage shape (AVX2 build, measured on an AVX-512 machine); AVX-512 has 32. SSE and NEON builds
 // (untimed) also stop at 7.
 constexpr int kMaxTile = L == 16 ? 8 : 7;
+// Output rows per tile: two on AVX-512, whose 32 vector registers hold both rows' accumulators (2 x 8 tiles, the
+// weights and an input); the two rows read the same input rows, so each input load feeds two products (1.05-1.14x
+// faster on SLaK-T's maps of 28-128 px, on par at 7-16 px, Xeon, AVX-512). One row elsewhere (16 registers).
+constexpr int kRows = L == 16 ? 2 : 1;
 typedef float vf __attribute__((vector_size(L * 4), aligned(L * 4)));
 typedef int vi __attribute__((vector_size(L * 4), aligned(L * 4)));
 typedef float vfu __attribute__((vector_size(L * 4), aligned(4)));  // unaligned access to x and out
@@ -122,6 +127,18 @@ inline void tile_inputs(const float* P, size_t cols, const float* K, int kwp, in
     }
   }
   for (int r = 0; r < T; ++r) acc[r] = a[r];
+}
+
+// The vector of L floats p[0], p[stride], ..., p[(L - 1) * stride] (lanes from nc on: zero, not read), built in
+// registers (filling a buffer one float at a time and loading it as a vector stalls on store forwarding).
+using Lanes = std::make_index_sequence<L>;
+template <size_t... I>
+inline vf lanes_of(const float* p, int64_t stride, std::index_sequence<I...>) {
+  return vf{p[static_cast<int64_t>(I) * stride]...};
+}
+template <size_t... I>
+inline vf lanes_of(const float* p, int64_t stride, int nc, std::index_sequence<I...>) {
+  return vf{(static_cast<int>(I) < nc ? p[static_cast<int64_t>(I) * stride] : 0.f)...};
 }
 
 inline int round_up(int n, int m) { return (n + m - 1) / m * m; }
@@ -237,15 +254,104 @@ int tile_width(int nk, const int* khs, const int* kws, const int* s0, const int*
   return best_t;
 }
 
-// Steps 2 and 3 of one job: every output row of the block, from the packed map P and the block's kernels K.
+// The same products for a tile of T outputs on each of two output rows, a and a + 1, whose taps share input rows
+// (kRows = 2). P points at map row 0, at the input column of the tile's first output's first tap; K at kernel row 0,
+// tap 0. ra and rb: the kernel rows that reach the map for rows a and a + 1; rows [s0, s1) are folded.
+// Tap order, over input rows: input row a + i - kh/2 is row a's kernel row i and row a + 1's kernel row i - 1, so each
+// column loads two weights and T inputs for 2·T products; a row that only one of the two outputs runs (the map's
+// edge, folded rows) runs for that one alone.
+template <int T>
+inline void tile_taps2(const float* P, size_t cols, const float* K, int kwp, int a, int kh, int s0, int s1,
+                       const RowRange& ra, const RowRange& rb, int j0, int j1, vf* acc0, vf* acc1) {
+  vf x0[T], x1[T];
+  for (int r = 0; r < T; ++r) { x0[r] = acc0[r]; x1[r] = acc1[r]; }
+  const int lo = std::min(ra.i0, rb.i0 + 1), hi = std::max(ra.i1, rb.i1 + 1);
+  for (int i = lo; i < hi; ++i) {
+    const bool u0 = i >= ra.i0 && i < ra.i1 && !(i >= s0 && i < s1);
+    const bool u1 = i - 1 >= rb.i0 && i - 1 < rb.i1 && !(i - 1 >= s0 && i - 1 < s1);
+    const float* p = P + static_cast<size_t>(a + i - kh / 2) * cols * L;  // in the map: some output runs it
+    const float* k0 = K + static_cast<size_t>(std::max(i, 0)) * kwp * L;  // kernel row i, for row a (if u0)
+    const float* k1 = K + static_cast<size_t>(std::max(i - 1, 0)) * kwp * L;  // kernel row i - 1, for a + 1 (if u1)
+    if (u0 && u1) {
+      for (int j = j0; j < j1; ++j) {
+        const vf w0 = *reinterpret_cast<const vf*>(k0 + j * L), w1 = *reinterpret_cast<const vf*>(k1 + j * L);
+#pragma GCC unroll 16
+        for (int r = 0; r < T; ++r) {
+          const vf v = *reinterpret_cast<const vf*>(p + (j + r) * L);
+          x0[r] += v * w0;
+          x1[r] += v * w1;
+        }
+      }
+    } else if (u0) {
+      for (int j = j0; j < j1; ++j) {
+        const vf w0 = *reinterpret_cast<const vf*>(k0 + j * L);
+#pragma GCC unroll 16
+        for (int r = 0; r < T; ++r) x0[r] += *reinterpret_cast<const vf*>(p + (j + r) * L) * w0;
+      }
+    } else if (u1) {
+      for (int j = j0; j < j1; ++j) {
+        const vf w1 = *reinterpret_cast<const vf*>(k1 + j * L);
+#pragma GCC unroll 16
+        for (int r = 0; r < T; ++r) x1[r] += *reinterpret_cast<const vf*>(p + (j + r) * L) * w1;
+      }
+    }
+  }
+  for (int r = 0; r < T; ++r) { acc0[r] = x0[r]; acc1[r] = x1[r]; }
+}
+
+// Input order, over kernel rows: kernel row i reads input row a + i - kh/2 for row a and the next one for row a + 1,
+// so each column loads T weights and two inputs for 2·T products.
+template <int T>
+inline void tile_inputs2(const float* P, size_t cols, const float* K, int kwp, int a, int kh, int s0, int s1,
+                         const RowRange& ra, const RowRange& rb, int u0, int u1, vf* acc0, vf* acc1) {
+  vf x0[T], x1[T];
+  for (int r = 0; r < T; ++r) { x0[r] = acc0[r]; x1[r] = acc1[r]; }
+  const int lo = std::min(ra.i0, rb.i0), hi = std::max(ra.i1, rb.i1);
+  for (int i = lo; i < hi; ++i) {
+    if (i >= s0 && i < s1) continue;
+    const bool b0 = i >= ra.i0 && i < ra.i1, b1 = i >= rb.i0 && i < rb.i1;
+    const float* p0 = b0 ? P + static_cast<size_t>(a + i - kh / 2) * cols * L : nullptr;  // rows in the map only
+    const float* p1 = b1 ? P + static_cast<size_t>(a + 1 + i - kh / 2) * cols * L : nullptr;
+    const float* k = K + static_cast<size_t>(i) * kwp * L;
+    if (b0 && b1) {
+      for (int u = u0; u < u1; ++u) {
+        const vf v0 = *reinterpret_cast<const vf*>(p0 + u * L), v1 = *reinterpret_cast<const vf*>(p1 + u * L);
+#pragma GCC unroll 16
+        for (int r = 0; r < T; ++r) {
+          const vf w = *reinterpret_cast<const vf*>(k + (u - r) * L);
+          x0[r] += v0 * w;
+          x1[r] += v1 * w;
+        }
+      }
+    } else if (b0) {
+      for (int u = u0; u < u1; ++u) {
+        const vf v0 = *reinterpret_cast<const vf*>(p0 + u * L);
+#pragma GCC unroll 16
+        for (int r = 0; r < T; ++r) x0[r] += v0 * *reinterpret_cast<const vf*>(k + (u - r) * L);
+      }
+    } else if (b1) {
+      for (int u = u0; u < u1; ++u) {
+        const vf v1 = *reinterpret_cast<const vf*>(p1 + u * L);
+#pragma GCC unroll 16
+        for (int r = 0; r < T; ++r) x1[r] += v1 * *reinterpret_cast<const vf*>(k + (u - r) * L);
+      }
+    }
+  }
+  for (int r = 0; r < T; ++r) { acc0[r] = x0[r]; acc1[r] = x1[r]; }
+}
+
+// Steps 2 and 3 of one job: every output row of the block, kRows at a time (the last one alone if H is odd), from
+// the packed map P and the block's kernels K; A holds kRows rows of Wr accumulators.
 template <int T>
 void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* A, float* ob, int nc,
                 const float* next_x) {
-  const int H = g.H, W = g.W, C = g.C;
-  for (int a = 0; a < H; ++a) {
-    {  // prefetch this output row (written after the row is computed) and the next job's input row (if given):
-       // their memory traffic overlaps this row's arithmetic (1.03-1.13x faster per call on maps of 7-32 px)
-      const size_t row = static_cast<size_t>(a) * W * C;
+  const int H = g.H, W = g.W, C = g.C, Wr = round_up(W, T);
+  for (int a = 0; a < H; a += kRows) {
+    const int nr = std::min(kRows, H - a);
+    // prefetch these output rows (written after they are computed) and the next job's input rows (if given):
+    // their memory traffic overlaps the rows' arithmetic (1.03-1.13x faster per call on maps of 7-32 px)
+    for (int q = a; q < a + nr; ++q) {
+      const size_t row = static_cast<size_t>(q) * W * C;
       for (int c = 0; c < W; ++c) {
         if (next_x) {
           __builtin_prefetch(next_x + row + static_cast<size_t>(c) * C);
@@ -255,12 +361,31 @@ void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* 
         __builtin_prefetch(ob + row + static_cast<size_t>(c) * C + L - 1, 1);
       }
     }
-    for (int c = 0; c < round_up(W, T); ++c) A[c] = bias;
+    for (int c = 0; c < nr * Wr; ++c) A[c] = bias;
     for (int k = 0; k < g.nk; ++k) {
       const int kh = g.khs[k], kw = g.kws[k], kwp = g.kwp(k);
-      const RowRange rr(kh, g.s0[k], g.s1[k], a, H);
-      if (rr.runs() == 0) continue;  // every row that reaches the map is folded into another kernel
-      const int i0 = rr.i0, n = rr.i1 - rr.i0;
+      const RowRange ra(kh, g.s0[k], g.s1[k], a, H);
+      if constexpr (kRows == 2) {
+        if (nr == 2) {
+          const RowRange rb(kh, g.s0[k], g.s1[k], a + 1, H);
+          if (ra.runs() == 0 && rb.runs() == 0) continue;
+          // map column 0 of each row, shifted to the first tap's input column; kernel k's tap 0 of row 0
+          const float* Pk = P + static_cast<size_t>(g.PL - kw / 2) * L;
+          const float* Kk = K + (g.koff[k] + T - 1) * L;
+          for (int c0 = 0; c0 < W; c0 += T) {
+            const Span sp = span(c0, std::min(T, W - c0), kw, W);
+            if (sp.inputs())
+              tile_inputs2<T>(Pk + c0 * L, g.cols, Kk, kwp, a, kh, g.s0[k], g.s1[k], ra, rb, sp.u0, sp.u1, A + c0,
+                              A + Wr + c0);
+            else
+              tile_taps2<T>(Pk + c0 * L, g.cols, Kk, kwp, a, kh, g.s0[k], g.s1[k], ra, rb, sp.j0, sp.j1, A + c0,
+                            A + Wr + c0);
+          }
+          continue;
+        }
+      }
+      if (ra.runs() == 0) continue;  // every row that reaches the map is folded into another kernel
+      const int i0 = ra.i0, n = ra.i1 - ra.i0;
       // output (a, c) and tap (i, j) read x[a + i - kh/2][c + j - kw/2]: start at map row a + i0 - kh/2, kernel
       // row i0, tap 0 (T - 1 zero taps precede it)
       const float* Pa = P + (static_cast<size_t>(a + i0 - kh / 2) * g.cols + (g.PL - kw / 2)) * L;
@@ -269,22 +394,25 @@ void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* 
         const Span sp = span(c0, std::min(T, W - c0), kw, W);
         const float* Pt = Pa + static_cast<size_t>(c0) * L;
         if (sp.inputs())
-          tile_inputs<T>(Pt, g.cols, Ka, kwp, n, rr.q0, rr.q1, sp.u0, sp.u1, A + c0);
+          tile_inputs<T>(Pt, g.cols, Ka, kwp, n, ra.q0, ra.q1, sp.u0, sp.u1, A + c0);
         else
-          tile_taps<T>(Pt, g.cols, Ka, kwp, n, rr.q0, rr.q1, sp.j0, sp.j1, A + c0);
+          tile_taps<T>(Pt, g.cols, Ka, kwp, n, ra.q0, ra.q1, sp.j0, sp.j1, A + c0);
       }
     }
     // 3. write the valid channels
-    float* o = ob + static_cast<size_t>(a) * W * C;
-    if (nc == L) {
-      for (int c = 0; c < W; ++c) {
-        __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C, 1);
-        __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C + L - 1, 1);
-        *reinterpret_cast<vfu*>(o + static_cast<size_t>(c) * C) = A[c];
+    for (int q = 0; q < nr; ++q) {
+      const vf* Aq = A + static_cast<size_t>(q) * Wr;
+      float* o = ob + static_cast<size_t>(a + q) * W * C;
+      if (nc == L) {
+        for (int c = 0; c < W; ++c) {
+          __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C, 1);
+          __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C + L - 1, 1);
+          *reinterpret_cast<vfu*>(o + static_cast<size_t>(c) * C) = Aq[c];
+        }
+      } else {
+        for (int c = 0; c < W; ++c)
+          for (int l = 0; l < nc; ++l) o[static_cast<size_t>(c) * C + l] = Aq[c][l];
       }
-    } else {
-      for (int c = 0; c < W; ++c)
-        for (int l = 0; l < nc; ++l) o[static_cast<size_t>(c) * C + l] = A[c][l];
     }
   }
 }
@@ -350,22 +478,37 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
       for (int l = 0; l < L; ++l) lanes[l] = l < nc ? -1 : 0;
 
       float* K = kbuf.get(kblock * L);
-      // zeroed (zero taps, zero lanes), then each channel's taps added into its lane of their row (a folded row:
-      // into its host's): reads each channel's taps in order, where filling one vector at a time gathered L strided
-      // floats into it (1.02-1.09x faster per call)
+      // Tap by tap, one vector of the block's L channels (zero lanes past the last channel) assigned to its row's
+      // tap, then the folded rows' vectors added into their host rows. The zero taps (T - 1 each side of every row)
+      // are written once per buffer and layout. (Was: the whole buffer zeroed for every block, then each channel's
+      // taps added into its lane, a pass over the buffer per channel: 1.2-1.4x slower per call at SLaK-T's 16 px
+      // stage, where the re-layout is a fifth of the call.)
       if (k_call != call || k_cb != cb) {
-        std::memset(K, 0, sizeof(float) * kblock * L);
-        for (int k = 0; k < g.nk; ++k) {
-          const KernelView& kv = ws[k];
-          const size_t* dst = row_dst.data() + row_base[k];
-          for (int l = 0; l < nc; ++l) {
-            const float* w = kv.p + (cb * L + l) * kv.sc;
+        thread_local const float* kzeroed = nullptr;
+        thread_local std::vector<int> kgeom;
+        std::vector<int> geom_k{g.T, g.nk};
+        geom_k.insert(geom_k.end(), khs.begin(), khs.end());
+        geom_k.insert(geom_k.end(), kws.begin(), kws.end());
+        if (kzeroed != K || geom_k != kgeom) {
+          std::memset(K, 0, sizeof(float) * kblock * L);
+          kzeroed = K;
+          kgeom = geom_k;
+        }
+        for (int folded = 0; folded < 2; ++folded)
+          for (int k = 0; k < g.nk; ++k) {
+            const KernelView& kv = ws[k];
+            const size_t* dst = row_dst.data() + row_base[k];
+            const float* w = kv.p + static_cast<int64_t>(cb) * L * kv.sc;
             for (int i = 0; i < kv.kh; ++i) {
-              float* Ki = K + dst[i] * L + l;
-              for (int j = 0; j < kv.kw; ++j) Ki[static_cast<size_t>(j) * L] += w[i * kv.sh + j * kv.sw];
+              if ((i >= u.s0[k] && i < u.s1[k]) != (folded == 1)) continue;
+              vf* Ki = reinterpret_cast<vf*>(K + dst[i] * L);
+              for (int j = 0; j < kv.kw; ++j) {
+                const float* wij = w + i * kv.sh + j * kv.sw;
+                const vf v = nc == L ? lanes_of(wij, kv.sc, Lanes{}) : lanes_of(wij, kv.sc, nc, Lanes{});
+                Ki[j] = folded ? Ki[j] + v : v;
+              }
             }
           }
-        }
         k_call = call;
         k_cb = cb;
       }
@@ -403,7 +546,7 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
         for (int l = 0; l < nc; ++l) bv[l] = bias[(cb * L + l) * bias_stride];
 
       // 2 and 3: output rows, accumulated in A[Wr] from the bias, then written
-      vf* A = reinterpret_cast<vf*>(abuf.get(static_cast<size_t>(L) * Wr));
+      vf* A = reinterpret_cast<vf*>(abuf.get(static_cast<size_t>(kRows) * L * Wr));
       // prefetched during this job on small maps (on large ones the next job's input would not stay in cache)
       const float* next_x = block_major && job + 1 < end ? x + offset_of(job + 1) : nullptr;
       switch (g.T) {
