@@ -87,6 +87,20 @@ struct Buffer {  // scratch, grown on demand, 64-byte aligned
   ~Buffer() { std::free(p); }
 };
 
+// A thread's buffer whose zero parts (padding, zero taps) are written once per layout: later jobs of the same layout
+// only overwrite the rest. zero(p, n, layout) zeroes p[0, n) unless the thread's previous call had this buffer and
+// layout.
+struct ZeroedOnce {
+  const float* p = nullptr;
+  std::vector<int64_t> layout;
+  void zero(float* q, size_t n, const std::vector<int64_t>& l) {
+    if (q == p && l == layout) return;
+    std::memset(q, 0, sizeof(float) * n);
+    p = q;
+    layout = l;
+  }
+};
+
 // A tile of T outputs along a row, two loop orders over the same products; P points at the input column of the
 // tile's first output's first tap, K at its kernel row's first tap, rows of K are kwp floats apart and have T - 1
 // zero taps on each side. Kernel rows [s0, s1) of the kh are skipped (folded into another kernel; s0 = kh: none).
@@ -457,6 +471,12 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
                         (kws[m] - kws[k]) / 2);
     }
   }
+  // the layouts of the packed map (size, left padding, row length, which also depends on the tile width) and of the
+  // kernels (tile width, kernel sizes), whose zero parts each thread writes once (ZeroedOnce)
+  const std::vector<int64_t> map_layout{H, W, g.PL, static_cast<int64_t>(g.cols)};
+  std::vector<int64_t> kernel_layout{g.T};
+  kernel_layout.insert(kernel_layout.end(), khs.begin(), khs.end());
+  kernel_layout.insert(kernel_layout.end(), kws.begin(), kws.end());
   // Job order: on small maps block-major, so that a thread re-lays a block's kernels out once for all images
   // (1.2-1.4x faster at 7-14 px, batch 8); on larger maps image-major, so that consecutive jobs read the adjacent
   // channels of one image and share the cache lines that straddle their blocks (1.05-1.08x at 40-56 px, batch 4-8).
@@ -484,16 +504,8 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
       // taps added into its lane, a pass over the buffer per channel: 1.2-1.4x slower per call at SLaK-T's 16 px
       // stage, where the re-layout is a fifth of the call.)
       if (k_call != call || k_cb != cb) {
-        thread_local const float* kzeroed = nullptr;
-        thread_local std::vector<int> kgeom;
-        std::vector<int> geom_k{g.T, g.nk};
-        geom_k.insert(geom_k.end(), khs.begin(), khs.end());
-        geom_k.insert(geom_k.end(), kws.begin(), kws.end());
-        if (kzeroed != K || geom_k != kgeom) {
-          std::memset(K, 0, sizeof(float) * kblock * L);
-          kzeroed = K;
-          kgeom = geom_k;
-        }
+        thread_local ZeroedOnce kzero;
+        kzero.zero(K, kblock * L, kernel_layout);
         for (int folded = 0; folded < 2; ++folded)
           for (int k = 0; k < g.nk; ++k) {
             const KernelView& kv = ws[k];
@@ -515,16 +527,8 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
 
       // 1. pack (zero padding left and right of the map; lanes past the last channel zero)
       float* P = pbuf.get(L * H * g.cols);
-      // the padding is zeroed once per buffer and layout (map size, left padding, row length, which also depends
-      // on the tile width): later jobs only overwrite the map
-      thread_local const float* zeroed = nullptr;
-      thread_local size_t zgeom[4] = {0, 0, 0, 0};
-      const size_t geom[4] = {static_cast<size_t>(H), static_cast<size_t>(W), static_cast<size_t>(g.PL), g.cols};
-      if (zeroed != P || !std::equal(geom, geom + 4, zgeom)) {
-        std::memset(P, 0, sizeof(float) * L * H * g.cols);
-        zeroed = P;
-        std::copy(geom, geom + 4, zgeom);
-      }
+      thread_local ZeroedOnce pzero;  // the padding; later jobs only overwrite the map
+      pzero.zero(P, L * H * g.cols, map_layout);
       for (int a = 0; a < H; ++a) {
         const float* src = xb + static_cast<size_t>(a) * W * C;
         float* d = P + (static_cast<size_t>(a) * g.cols + g.PL) * L;
