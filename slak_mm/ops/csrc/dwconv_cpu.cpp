@@ -6,7 +6,8 @@
 // and because it re-loads inputs down a kernel column (docs/benchmarks.md). Here each job takes one block of L
 // channels (one vector: 16 on AVX-512, 8 on AVX2, 4 otherwise) of one image and
 //   1. packs it into an aligned buffer P[H][cols][L], zero-padded left and right (one read of x; no boundary tests
-//      later; the padding is zeroed once per thread and map geometry, later jobs only overwrite the map);
+//      later; the padding is zeroed once per thread and map geometry, later jobs only overwrite the map), row by
+//      row just before the output rows first need them (RowPacker), so that the reads of x overlap the arithmetic;
 //   2. computes the output kRows rows at a time (2 on AVX-512, else 1) into an aligned scratch A[kRows][W][L]
 //      (starting from the bias), every kernel adding into it as register tiles of T outputs along each row (on
 //      AVX-512 two rows, which share their input loads; T in [4, 8], chosen per call from the
@@ -60,9 +61,6 @@ constexpr int kRows = L == 16 ? 2 : 1;
 typedef float vf __attribute__((vector_size(L * 4), aligned(L * 4)));
 typedef int vi __attribute__((vector_size(L * 4), aligned(L * 4)));
 typedef float vfu __attribute__((vector_size(L * 4), aligned(4)));  // unaligned access to x and out
-// Pixels ahead to prefetch when packing x and writing the output: each job touches only 64 of every C·4 bytes
-// of a pixel, a stride the hardware prefetchers do not hide (measured: 4-15% faster at SLaK-T's shapes).
-constexpr int kPrefetch = 64;
 // Calls of run() so far (names each call for the per-thread kernel re-layout cache; read by the tests).
 std::atomic<long> g_calls{0};
 // Maps of fewer pixels run their jobs block-major (see run).
@@ -239,6 +237,7 @@ struct Geometry {
   const int *s0, *s1;  // folded rows of each kernel
   const size_t* koff;  // offset (vectors of L floats) of kernel k in a block's re-laid-out kernels
   int kwp(int k) const { return kws[k] + 2 * (T - 1); }
+  int reach = 0;  // input rows below an output row that its kernels read (the largest kh / 2)
 };
 
 // Outputs per tile for this call: the T in [4, kMaxTile] with the fewest load slots, T + 1 per column (one weight and T
@@ -354,11 +353,42 @@ inline void tile_inputs2(const float* P, size_t cols, const float* K, int kwp, i
   for (int r = 0; r < T; ++r) { acc0[r] = x0[r]; acc1[r] = x1[r]; }
 }
 
-// Steps 2 and 3 of one job: every output row of the block, kRows at a time (the last one alone if H is odd), from
-// the packed map P and the block's kernels K; A holds kRows rows of Wr accumulators.
+// Step 1 for one job, row by row: upto(r) packs input rows [done, r) into P (map columns only; the padding is zeroed
+// once). block_rows asks for each row just before the first output row that reads it, so the reads of x (often from
+// L3) overlap the arithmetic of the rows before. (Was: the whole map packed first, with software prefetch 64 pixels
+// ahead; packing row by row, without it, is 1.04-1.14x faster per call at SLaK-T's 512 px stage shapes, 1.00-1.05x
+// at 224 and 800x1344, Xeon, AVX-512; docs/benchmarks.md.)
+struct RowPacker {
+  const float* xb;
+  float* P;
+  size_t cols;
+  int PL, H, W, C, nc;
+  bool last_image;  // the job's image is x's last (a full-vector read of its last pixel could leave x)
+  vi lanes;         // lanes below nc
+  int done = 0;     // rows packed so far
+  void upto(int r) {
+    for (r = std::min(r, H); done < r; ++done) {
+      const float* src = xb + static_cast<size_t>(done) * W * C;
+      float* d = P + (static_cast<size_t>(done) * cols + PL) * L;
+      const bool last_row = last_image && done + 1 == H;
+      for (int c = 0; c < W; ++c, d += L, src += C) {
+        if (nc == L) {
+          *reinterpret_cast<vf*>(d) = *reinterpret_cast<const vfu*>(src);
+        } else if (!last_row || c + 1 < W) {  // a full-vector read stays inside x
+          *reinterpret_cast<vf*>(d) = (vf)((vi)(*reinterpret_cast<const vfu*>(src)) & lanes);
+        } else {
+          for (int l = 0; l < L; ++l) d[l] = l < nc ? src[l] : 0.f;
+        }
+      }
+    }
+  }
+};
+
+// Steps 1-3 of one job: every output row of the block, kRows at a time (the last one alone if H is odd), from the
+// packed map P (packed by pk as the rows need it) and the block's kernels K; A holds kRows rows of Wr accumulators.
 template <int T>
 void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* A, float* ob, int nc,
-                const float* next_x) {
+                const float* next_x, RowPacker& pk) {
   const int H = g.H, W = g.W, C = g.C, Wr = round_up(W, T);
   for (int a = 0; a < H; a += kRows) {
     const int nr = std::min(kRows, H - a);
@@ -375,6 +405,7 @@ void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* 
         __builtin_prefetch(ob + row + static_cast<size_t>(c) * C + L - 1, 1);
       }
     }
+    pk.upto(a + nr + g.reach);  // 1. the input rows these output rows read
     for (int c = 0; c < nr * Wr; ++c) A[c] = bias;
     for (int k = 0; k < g.nk; ++k) {
       const int kh = g.khs[k], kw = g.kws[k], kwp = g.kwp(k);
@@ -413,14 +444,12 @@ void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* 
           tile_taps<T>(Pt, g.cols, Ka, kwp, n, ra.q0, ra.q1, sp.j0, sp.j1, A + c0);
       }
     }
-    // 3. write the valid channels
+    // 3. write the valid channels (their lines were prefetched at the start of the rows)
     for (int q = 0; q < nr; ++q) {
       const vf* Aq = A + static_cast<size_t>(q) * Wr;
       float* o = ob + static_cast<size_t>(a + q) * W * C;
       if (nc == L) {
         for (int c = 0; c < W; ++c) {
-          __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C, 1);
-          __builtin_prefetch(o + static_cast<size_t>(c + kPrefetch) * C + L - 1, 1);
           *reinterpret_cast<vfu*>(o + static_cast<size_t>(c) * C) = Aq[c];
         }
       } else {
@@ -450,6 +479,7 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
   // tap that reads above or below the map is run
   g.PL = 0;
   for (int k = 0; k < g.nk; ++k) g.PL = std::max(g.PL, kws[k] / 2);
+  for (int k = 0; k < g.nk; ++k) g.reach = std::max(g.reach, khs[k] / 2);
   const int nb = (C + L - 1) / L, Wr = round_up(W, g.T);
   g.cols = Wr + 2 * g.PL;
   // a block's kernels as K[k][i][T - 1 + j][L] with T - 1 zero taps each side of every row and zero lanes past the
@@ -525,26 +555,12 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
         k_cb = cb;
       }
 
-      // 1. pack (zero padding left and right of the map; lanes past the last channel zero)
+      // 1. the packed map (zero padding left and right of the map; lanes past the last channel zero), packed by
+      // block_rows row by row
       float* P = pbuf.get(L * H * g.cols);
       thread_local ZeroedOnce pzero;  // the padding; later jobs only overwrite the map
       pzero.zero(P, L * H * g.cols, map_layout);
-      for (int a = 0; a < H; ++a) {
-        const float* src = xb + static_cast<size_t>(a) * W * C;
-        float* d = P + (static_cast<size_t>(a) * g.cols + g.PL) * L;
-        const bool last_row = b + 1 == B && a + 1 == H;
-        for (int c = 0; c < W; ++c, d += L, src += C) {
-          __builtin_prefetch(src + kPrefetch * C);  // never faults, even past the end of x
-          __builtin_prefetch(src + kPrefetch * C + L - 1);
-          if (nc == L) {
-            *reinterpret_cast<vf*>(d) = *reinterpret_cast<const vfu*>(src);
-          } else if (!last_row || c + 1 < W) {  // a full-vector read stays inside x
-            *reinterpret_cast<vf*>(d) = (vf)((vi)(*reinterpret_cast<const vfu*>(src)) & lanes);
-          } else {
-            for (int l = 0; l < L; ++l) d[l] = l < nc ? src[l] : 0.f;
-          }
-        }
-      }
+      RowPacker pk{xb, P, g.cols, g.PL, H, W, C, nc, b + 1 == B, lanes};
       vf bv = vf{};
       if (bias != nullptr)
         for (int l = 0; l < nc; ++l) bv[l] = bias[(cb * L + l) * bias_stride];
@@ -554,12 +570,12 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
       // prefetched during this job on small maps (on large ones the next job's input would not stay in cache)
       const float* next_x = block_major && job + 1 < end ? x + offset_of(job + 1) : nullptr;
       switch (g.T) {
-        case 4: block_rows<4>(g, P, K, bv, A, ob, nc, next_x); break;
-        case 5: block_rows<5>(g, P, K, bv, A, ob, nc, next_x); break;
-        case 6: block_rows<6>(g, P, K, bv, A, ob, nc, next_x); break;
-        case 7: block_rows<7>(g, P, K, bv, A, ob, nc, next_x); break;
+        case 4: block_rows<4>(g, P, K, bv, A, ob, nc, next_x, pk); break;
+        case 5: block_rows<5>(g, P, K, bv, A, ob, nc, next_x, pk); break;
+        case 6: block_rows<6>(g, P, K, bv, A, ob, nc, next_x, pk); break;
+        case 7: block_rows<7>(g, P, K, bv, A, ob, nc, next_x, pk); break;
         default:
-          if constexpr (kMaxTile == 8) block_rows<8>(g, P, K, bv, A, ob, nc, next_x);
+          if constexpr (kMaxTile == 8) block_rows<8>(g, P, K, bv, A, ob, nc, next_x, pk);
           break;
       }
     }
