@@ -99,6 +99,26 @@ struct ZeroedOnce {
   }
 };
 
+// One input row's products for a tile of T outputs, in the two loop orders below (tile_taps, tile_inputs; also the
+// rows that only one output of a two-row tile runs). Tap order: x[r] += sum_{j in [j0, j1)} p[j + r] * k[j].
+template <int T>
+__attribute__((always_inline)) inline void row_taps(const float* p, const float* k, int j0, int j1, vf* x) {
+  for (int j = j0; j < j1; ++j) {
+    const vf w = *reinterpret_cast<const vf*>(k + j * L);
+#pragma GCC unroll 16
+    for (int r = 0; r < T; ++r) x[r] += *reinterpret_cast<const vf*>(p + (j + r) * L) * w;
+  }
+}
+// Input order: x[r] += sum_{u in [u0, u1)} p[u] * k[u - r].
+template <int T>
+__attribute__((always_inline)) inline void row_inputs(const float* p, const float* k, int u0, int u1, vf* x) {
+  for (int u = u0; u < u1; ++u) {
+    const vf v = *reinterpret_cast<const vf*>(p + u * L);
+#pragma GCC unroll 16
+    for (int r = 0; r < T; ++r) x[r] += v * *reinterpret_cast<const vf*>(k + (u - r) * L);
+  }
+}
+
 // A tile of T outputs along a row, two loop orders over the same products; P points at the input column of the
 // tile's first output's first tap, K at its kernel row's first tap, rows of K are kwp floats apart and have T - 1
 // zero taps on each side. Kernel rows [s0, s1) of the kh are skipped (folded into another kernel; s0 = kh: none).
@@ -110,13 +130,7 @@ inline void tile_taps(const float* P, size_t cols, const float* K, int kwp, int 
   for (int r = 0; r < T; ++r) a[r] = acc[r];
   for (int i = 0; i < kh; ++i) {
     if (i == s0 && (i = s1) >= kh) break;  // rows [s0, s1) are folded into another kernel
-    const float* k = K + static_cast<size_t>(i) * kwp * L;
-    const float* p = P + static_cast<size_t>(i) * cols * L;
-    for (int j = j0; j < j1; ++j) {
-      const vf w = *reinterpret_cast<const vf*>(k + j * L);
-#pragma GCC unroll 16
-      for (int r = 0; r < T; ++r) a[r] += *reinterpret_cast<const vf*>(p + (j + r) * L) * w;
-    }
+    row_taps<T>(P + static_cast<size_t>(i) * cols * L, K + static_cast<size_t>(i) * kwp * L, j0, j1, a);
   }
   for (int r = 0; r < T; ++r) acc[r] = a[r];
 }
@@ -130,13 +144,7 @@ inline void tile_inputs(const float* P, size_t cols, const float* K, int kwp, in
   for (int r = 0; r < T; ++r) a[r] = acc[r];
   for (int i = 0; i < kh; ++i) {
     if (i == s0 && (i = s1) >= kh) break;
-    const float* k = K + static_cast<size_t>(i) * kwp * L;
-    const float* p = P + static_cast<size_t>(i) * cols * L;
-    for (int u = u0; u < u1; ++u) {
-      const vf v = *reinterpret_cast<const vf*>(p + u * L);
-#pragma GCC unroll 16
-      for (int r = 0; r < T; ++r) a[r] += v * *reinterpret_cast<const vf*>(k + (u - r) * L);
-    }
+    row_inputs<T>(P + static_cast<size_t>(i) * cols * L, K + static_cast<size_t>(i) * kwp * L, u0, u1, a);
   }
   for (int r = 0; r < T; ++r) acc[r] = a[r];
 }
@@ -296,17 +304,9 @@ inline void tile_taps2(const float* P, size_t cols, const float* K, int kwp, int
         }
       }
     } else if (u0) {
-      for (int j = j0; j < j1; ++j) {
-        const vf w0 = *reinterpret_cast<const vf*>(k0 + j * L);
-#pragma GCC unroll 16
-        for (int r = 0; r < T; ++r) x0[r] += *reinterpret_cast<const vf*>(p + (j + r) * L) * w0;
-      }
+      row_taps<T>(p, k0, j0, j1, x0);
     } else if (u1) {
-      for (int j = j0; j < j1; ++j) {
-        const vf w1 = *reinterpret_cast<const vf*>(k1 + j * L);
-#pragma GCC unroll 16
-        for (int r = 0; r < T; ++r) x1[r] += *reinterpret_cast<const vf*>(p + (j + r) * L) * w1;
-      }
+      row_taps<T>(p, k1, j0, j1, x1);
     }
   }
   for (int r = 0; r < T; ++r) { acc0[r] = x0[r]; acc1[r] = x1[r]; }
@@ -337,17 +337,9 @@ inline void tile_inputs2(const float* P, size_t cols, const float* K, int kwp, i
         }
       }
     } else if (b0) {
-      for (int u = u0; u < u1; ++u) {
-        const vf v0 = *reinterpret_cast<const vf*>(p0 + u * L);
-#pragma GCC unroll 16
-        for (int r = 0; r < T; ++r) x0[r] += v0 * *reinterpret_cast<const vf*>(k + (u - r) * L);
-      }
+      row_inputs<T>(p0, k, u0, u1, x0);
     } else if (b1) {
-      for (int u = u0; u < u1; ++u) {
-        const vf v1 = *reinterpret_cast<const vf*>(p1 + u * L);
-#pragma GCC unroll 16
-        for (int r = 0; r < T; ++r) x1[r] += v1 * *reinterpret_cast<const vf*>(k + (u - r) * L);
-      }
+      row_inputs<T>(p1, k, u0, u1, x1);
     }
   }
   for (int r = 0; r < T; ++r) { acc0[r] = x0[r]; acc1[r] = x1[r]; }
