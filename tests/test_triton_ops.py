@@ -80,6 +80,27 @@ def test_fused_unit_three_branches_fp32(shape, m, n, channels_last):
     _check_branches(shape, [(m, n), (n, m), (n, n)], torch.float32, channels_last)
 
 
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+def test_branches_in_any_order_fp32(channels_last):
+    """Kernels are grouped per launch (same orientation and width, the taller first): outputs still come back in the
+    caller's order, here the N×N branch first, two tall ones of different heights and a wide one."""
+    _check_branches((1, 5, 6, 7), [(3, 3), (9, 3), (3, 11), (5, 3)], torch.float32, channels_last)
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+@pytest.mark.parametrize('kernel', [(13, 3), (3, 13)], ids=['tall', 'wide'])
+def test_weight_gradient_in_row_chunks(kernel, channels_last):
+    """The weight gradient split into the most chunks of output rows (four rows each, the last one shorter: H = 9),
+    summed afterwards, equals the float64 reference."""
+    from slak_mm.ops.triton_dwconv import _launch_wgrad
+    x, (w,) = _inputs((2, 5, 9, 6), [kernel], torch.float32, channels_last)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    w64 = w.double().requires_grad_()
+    (ref,) = torch.autograd.grad(_conv64(x, w64), w64, dy.double())
+    got = _launch_wgrad(x, dy, kernel, torch.float32, min_programs=10 ** 6)
+    _close(got, ref, torch.float32, 'weight gradient, chunked rows')
+
+
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=['fp16', 'bf16'])
 @pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
 def test_half_precision_within_stated_tolerance(dtype, channels_last):
@@ -256,22 +277,24 @@ def build(fn, ptrs, constexprs):
 
 n = 0
 for dtype in ('fp32', 'bf16', 'fp16'):
-    ptrs = {name: '*' + dtype for name in T._dw_fwd_kernel.arg_names if name.endswith('_ptr')}
-    for consts in (dict(NB=3, SUM=False, SHARE=True, HAS_BIAS=False, BLOCK_H=4, BLOCK_W=8, BLOCK_C=32),
-                   dict(NB=3, SUM=True, SHARE=False, HAS_BIAS=False, BLOCK_H=2, BLOCK_W=32, BLOCK_C=4),
-                   dict(NB=2, SUM=True, SHARE=False, HAS_BIAS=True, BLOCK_H=4, BLOCK_W=8, BLOCK_C=32),
-                   dict(NB=1, SUM=True, SHARE=False, HAS_BIAS=True, BLOCK_H=2, BLOCK_W=32, BLOCK_C=4)):
-        n += build(T._dw_fwd_kernel, ptrs, consts)
+    ptrs = {name: '*' + dtype for name in T._dw_rows_kernel.arg_names if name.endswith('_ptr')}
+    ptrs.update(w0_ptr='*fp32', w1_ptr='*fp32', part_ptr='*fp32')  # padded float32 weights, float32 partial sums
+    for consts in (dict(NK=2, SAME_X=True, SUM=False, PARTIAL_IN=False, HAS_BIAS=False, BLOCK_W=32, BLOCK_C=32),
+                   dict(NK=2, SAME_X=False, SUM=True, PARTIAL_IN=False, HAS_BIAS=False, BLOCK_W=8, BLOCK_C=128),
+                   dict(NK=1, SAME_X=True, SUM=True, PARTIAL_IN=True, HAS_BIAS=True, BLOCK_W=32, BLOCK_C=32),
+                   dict(NK=1, SAME_X=True, SUM=False, PARTIAL_IN=False, HAS_BIAS=False, BLOCK_W=16, BLOCK_C=64)):
+        n += build(T._dw_rows_kernel, ptrs, consts)
     wptrs = {'x_ptr': '*' + dtype, 'dy_ptr': '*' + dtype, 'part_ptr': '*fp32'}
-    for consts in (dict(BLOCK_P=16, BLOCK_KW=16, BLOCK_C=32), dict(BLOCK_P=32, BLOCK_KW=8, BLOCK_C=8)):
+    for consts in (dict(BLOCK_W=16, BLOCK_C=32), dict(BLOCK_W=4, BLOCK_C=128)):
         n += build(T._dw_wgrad_kernel, wptrs, consts)
 print('compiled', n)
 """
 
 
 def test_kernels_compile_for_h100_without_a_gpu():
-    """The interpreter accepts some code the GPU compiler rejects: build every kernel variant (fwd: fused/shared,
-    summed, bias; weight-gradient; fp32/bf16/fp16) to an sm_90 cubin with Triton's bundled ptxas. A subprocess,
+    """The interpreter accepts some code the GPU compiler rejects: build every kernel variant (forward: two kernels
+    sharing loads, summed with separate inputs, one kernel with bias and partial sum, one alone; weight-gradient;
+    fp32/bf16/fp16) to an sm_90 cubin with Triton's bundled ptxas. A subprocess,
     because this process defined the kernels for the interpreter."""
     import os
     import subprocess
@@ -282,3 +305,24 @@ def test_kernels_compile_for_h100_without_a_gpu():
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'compiled 18' in proc.stdout
+
+
+def test_compiled_inner_loops_reuse_each_load(tmp_path):
+    """The point of the kernels' register blocking, checked on their sm_90 machine code (tools/triton_sass_stats.py,
+    no GPU needed): each global load in the hottest inner loop feeds several FMAs (one per FMA before the blocking:
+    0.9 products per load, docs/benchmarks.md), and nothing spills to local memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / 'sass.json'
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, 'tools/triton_sass_stats.py', '--dtype', 'bf16', '--json', str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r['variant']: r for r in json.loads(out.read_text())['rows']}
+    assert rows['forward: one band']['ffma_per_ldg'] >= 2.5
+    assert rows['forward: M×N + N×N from the same loads']['ffma_per_ldg'] >= 3.5
+    assert rows['weight gradient']['ffma_per_ldg'] >= 1.9
+    assert all(r['local_bytes'] == 0 for r in rows.values())
+

@@ -377,7 +377,8 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 
 def dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor] = None,
                  impl: str = 'auto') -> torch.Tensor:
-    """``sum_k dwconv2d(x, weights[k]) + bias`` (1 to 3 kernels of any odd sizes); one Triton pass."""
+    """``sum_k dwconv2d(x, weights[k]) + bias`` (kernels of any odd sizes). Triton: one launch per group of kernels
+    of one orientation and width (SLaK's bands: two), summed in float32 and rounded once."""
     kernel = loaded_cpu_kernel()
     if (kernel is not None and (impl == 'auto' or impl == 'torch') and 'dwconv_kernel' not in _disabled_fusions
             and not torch.compiler.is_compiling()):
@@ -408,8 +409,9 @@ def dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optiona
 
 
 def dwconv2d_branches(x: torch.Tensor, weights: Sequence[torch.Tensor], impl: str = 'auto') -> List[torch.Tensor]:
-    """``[dwconv2d(x, w) for w in weights]`` (1 to 3 kernels); Triton computes all of them in one pass over ``x``
-    (SLaK's training-mode unit, where each branch's output feeds its own BatchNorm)."""
+    """``[dwconv2d(x, w) for w in weights]`` (SLaK's training-mode unit, where each branch's output feeds its own
+    BatchNorm). Triton computes kernels of one orientation and width from the same loads (SLaK's M×N and N×N
+    branches in one launch, the N×M branch in a second)."""
     for w in weights:
         check_dwconv_args(x, w, None, impl)
     if resolve_impl(impl, x) == 'triton':

@@ -3,24 +3,32 @@
 No compile step: Triton JIT-compiles on first use for the GPU it runs on. Imported lazily by
 :mod:`slak_mm.ops.dwconv` (only when ``impl='triton'`` is chosen), so ``slak_mm`` imports without Triton.
 
-Kernels
-  ``_dw_fwd_kernel``   up to three depthwise branches over one output tile. ``SUM=False`` writes one output per
-                       branch (SLaK's training-mode M×N, N×M and N×N unit: each branch needs its own output for its
-                       BatchNorm); ``SUM=True`` writes their sum plus bias (the deployed cross-shaped kernel as two
-                       bands, and the input-gradient of the unit: the sum of the three transposed convolutions).
-                       ``SHARE=True`` (branches read the same input and the third kernel lies inside the first's
-                       columns, SLaK's N×N inside M×N) accumulates the third branch from the first branch's loads.
-  ``_dw_wgrad_kernel`` weight-gradient partial sums over a chunk of rows, reduced deterministically afterwards.
+Kernels (register-blocked: each input tile loaded feeds several outputs' products)
+  ``_dw_rows_kernel``  one or two kernels of the same width over a tile of four output rows × BLOCK_W columns ×
+                       BLOCK_C channels. Walking down the input rows, each input tile is loaded once per (input row,
+                       tap column) and feeds the four output rows' products (kernel rows i, i - 1, i - 2, i - 3), and
+                       also the second kernel's when both read one input (SLaK's N×N branch inside the M×N one).
+                       Kernels wider than tall run on the transposed map (H and W strides swapped, no copy), so the
+                       four rows always lie along the kernel's long side: SLaK's unit is two launches, M×N + N×N and
+                       N×M. ``SUM=False`` writes one output per kernel (training mode: each branch feeds its own
+                       BatchNorm); ``SUM=True`` writes their sum plus bias (deployed bands; the unit's input
+                       gradient, the sum of the transposed convolutions), the launches adding up in a float32
+                       partial sum that the last one rounds once.
+  ``_dw_wgrad_kernel`` weight-gradient partial sums for four kernel rows of one tap column over a chunk of output
+                       rows: walking down the rows, the four taps' input rows slide by one, so each step loads one
+                       input row and one output-gradient row for four products. Chunks are reduced deterministically
+                       afterwards.
 
-Padding-only taps are skipped per tile: a program only loops over the kernel rows/columns whose shifted window
-overlaps the feature map, so maps smaller than the kernel cost what their valid taps cost. Any memory layout works
-(strides are arguments); the wrapper keeps NCHW or channels_last as given. Accumulation is fp32 for fp32, fp16 and
-bf16 inputs.
+Inputs run channels_last (NCHW ones are copied), where either orientation reads whole channel vectors; outputs keep
+the caller's layout. Padding-only taps are skipped per tile: a program only visits the tap columns and input rows
+that reach the map, so maps smaller than the kernel cost what their valid taps cost. Accumulation is fp32 for fp32,
+fp16 and bf16 inputs. Instruction mix on sm_90, compiled without a GPU: ``python tools/triton_sass_stats.py``.
 """
 import os
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -39,135 +47,152 @@ def _tap_range(k, n, start, stop):
 
 
 @triton.jit
-def _accumulate(acc, x_ptr, w_ptr, C, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw, KH, KW):
-    """acc[p, c] += sum over valid taps (i, j) of x[oh + i - KH//2, ow + j - KW//2, c] * w[i, j, c].
+def _rows4(a0, a1, a2, a3, xv, w_ptr, i, j, KW, CP, c):
+    """a_r += xv * w[i - r, j, c] for the four output rows r = 0..3.
 
-    Weights are tap-major (KH, KW, C) so each tap's channel vector is one contiguous load."""
-    i_lo, i_hi = _tap_range(KH, H, h0, h1)
-    j_lo, j_hi = _tap_range(KW, W, w0, w1)
-    for i in range(i_lo, i_hi):
-        ih = oh + (i - KH // 2)
-        rmask = (ih >= 0) & (ih < H)
-        roff = ih * sxh
-        for j in range(j_lo, j_hi):
-            iw = ow + (j - KW // 2)
-            m = rmask & (iw >= 0) & (iw < W)
-            xv = tl.load(x_ptr + (roff + iw * sxw)[:, None] + xoff_c[None, :], mask=m[:, None] & cmask[None, :],
-                         other=0.)
-            wv = tl.load(w_ptr + (i * KW + j) * C + c, mask=cmask, other=0.)
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-    return acc
+    Weights are tap-major float32 (3 + KH + 3, KW, CP), zero-padded: three zero rows each side (so rows i - r that
+    miss the kernel add zeros) and channels up to CP, a multiple of the channel block (so no load needs a mask).
+    One input tile, loaded once by the caller, feeds the four rows' products."""
+    wp = w_ptr + ((i + 3) * KW + j) * CP + c
+    a0 += xv * tl.load(wp)[None, :]
+    a1 += xv * tl.load(wp - KW * CP)[None, :]
+    a2 += xv * tl.load(wp - 2 * KW * CP)[None, :]
+    a3 += xv * tl.load(wp - 3 * KW * CP)[None, :]
+    return a0, a1, a2, a3
 
 
 @triton.jit
-def _accumulate_shared(acc, acc2, x_ptr, w_ptr, w2_ptr, C, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw,
-                       KH, KW, KH2):
-    """:func:`_accumulate` for the first kernel, plus a centred (KH2, KW) kernel from the same loads into acc2."""
-    i_lo, i_hi = _tap_range(KH, H, h0, h1)
-    j_lo, j_hi = _tap_range(KW, W, w0, w1)
-    d = KH // 2 - KH2 // 2  # row offset of the second kernel inside the first
-    for i in range(i_lo, i_hi):
-        ih = oh + (i - KH // 2)
-        rmask = (ih >= 0) & (ih < H)
-        roff = ih * sxh
-        in_second = (i >= d) & (i < d + KH2)
-        for j in range(j_lo, j_hi):
-            iw = ow + (j - KW // 2)
-            m = rmask & (iw >= 0) & (iw < W)
-            xv = tl.load(x_ptr + (roff + iw * sxw)[:, None] + xoff_c[None, :], mask=m[:, None] & cmask[None, :],
-                         other=0.).to(tl.float32)
-            wv = tl.load(w_ptr + (i * KW + j) * C + c, mask=cmask, other=0.)
-            acc += xv * wv.to(tl.float32)[None, :]
-            if in_second:
-                w2v = tl.load(w2_ptr + ((i - d) * KW + j) * C + c, mask=cmask, other=0.)
-                acc2 += xv * w2v.to(tl.float32)[None, :]
-    return acc, acc2
+def _store_row(y_ptr, part_ptr, acc, yb, oh, ow, c, cmask, H, W, syc, syh, syw, PARTIAL_IN: tl.constexpr):
+    """Store one output row's tile (plus the float32 partial sum of earlier launches, if any)."""
+    off = yb + oh * syh + (ow * syw)[:, None] + (c * syc)[None, :]
+    m = ((ow < W) & (oh < H))[:, None] & cmask[None, :]
+    if PARTIAL_IN:
+        acc += tl.load(part_ptr + off, mask=m, other=0.)
+    tl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _dw_fwd_kernel(x0_ptr, x1_ptr, x2_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, y0_ptr, y1_ptr, y2_ptr,
-                   C, H, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
-                   KH0, KW0, KH1, KW1, KH2, KW2,
-                   NB: tl.constexpr, SUM: tl.constexpr, SHARE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dw_rows_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, bias_ptr, y0_ptr, y1_ptr, part_ptr,
+                    C, H, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw, KH0, KH1, KW, CP,
+                    NK: tl.constexpr, SAME_X: tl.constexpr, SUM: tl.constexpr, PARTIAL_IN: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One or two depthwise kernels of the same width KW (kernel 1 no taller than kernel 0) over a tile of four
+    output rows × BLOCK_W columns × BLOCK_C channels. Each input tile is loaded once per (input row, tap column) and
+    feeds the four rows' products (and kernel 1's, when SAME_X), so the loop issues a quarter of a load per product.
+    SUM: kernel 1 adds into kernel 0's output (y0); else it writes y1. PARTIAL_IN adds a float32 partial sum
+    (part_ptr, y's strides) before storing."""
     pid_s, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_tw = tl.cdiv(W, BLOCK_W)
-    h0 = (pid_s // n_tw) * BLOCK_H
+    h0 = (pid_s // n_tw) * 4
     w0 = (pid_s % n_tw) * BLOCK_W
-    h1 = tl.minimum(h0 + BLOCK_H, H)
     w1 = tl.minimum(w0 + BLOCK_W, W)
-    p = tl.arange(0, BLOCK_H * BLOCK_W)
-    oh = h0 + p // BLOCK_W
-    ow = w0 + p % BLOCK_W
+    ow = w0 + tl.arange(0, BLOCK_W)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     xoff_c = c * sxc
     xb = n.to(tl.int64) * sxn
-    acc0 = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], dtype=tl.float32)
-    if SHARE:
-        acc0, acc2 = _accumulate_shared(acc0, acc2, x0_ptr + xb, w0_ptr, w2_ptr, C, c, cmask, xoff_c, oh, ow,
-                                        h0, h1, w0, w1, H, W, sxh, sxw, KH0, KW0, KH2)
-    else:
-        acc0 = _accumulate(acc0, x0_ptr + xb, w0_ptr, C, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw,
-                           KH0, KW0)
-    if NB > 1:
-        acc1 = _accumulate(acc1, x1_ptr + xb, w1_ptr, C, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw,
-                           KH1, KW1)
-    if NB > 2:
-        if not SHARE:
-            acc2 = _accumulate(acc2, x2_ptr + xb, w2_ptr, C, c, cmask, xoff_c, oh, ow, h0, h1, w0, w1, H, W, sxh, sxw,
-                               KH2, KW2)
-    yoff = n.to(tl.int64) * syn + (oh * syh + ow * syw)[:, None] + (c * syc)[None, :]
-    ymask = ((oh < H) & (ow < W))[:, None] & cmask[None, :]
-    if SUM:
-        acc0 = acc0 + acc1 + acc2
+    a0 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    a1, a2, a3 = a0, a0, a0
+    b0, b1, b2, b3 = a0, a0, a0, a0
+    # input rows that reach output rows h0 .. h0 + 3 through kernel 0 (kernel 1's are a subset): [lo0, hi0) in the
+    # map; each kernel's tap row for output row h0 is ih - lo
+    lo0 = h0 - KH0 // 2
+    lo1 = h0 - KH1 // 2
+    hi1 = h0 + 4 + KH1 // 2
+    j_lo, j_hi = _tap_range(KW, W, w0, w1)
+    for j in range(j_lo, j_hi):
+        iw = ow + (j - KW // 2)
+        m = ((iw >= 0) & (iw < W))[:, None] & cmask[None, :]
+        off = xb + (iw * sxw)[:, None] + xoff_c[None, :]
+        for ih in range(tl.maximum(lo0, 0), tl.minimum(h0 + 4 + KH0 // 2, H)):
+            xv = tl.load(x0_ptr + off + ih * sxh, mask=m, other=0.).to(tl.float32)
+            a0, a1, a2, a3 = _rows4(a0, a1, a2, a3, xv, w0_ptr, ih - lo0, j, KW, CP, c)
+            if NK == 2:
+                if (ih >= lo1) & (ih < hi1):
+                    if not SAME_X:
+                        xv = tl.load(x1_ptr + off + ih * sxh, mask=m, other=0.).to(tl.float32)
+                    if SUM:
+                        a0, a1, a2, a3 = _rows4(a0, a1, a2, a3, xv, w1_ptr, ih - lo1, j, KW, CP, c)
+                    else:
+                        b0, b1, b2, b3 = _rows4(b0, b1, b2, b3, xv, w1_ptr, ih - lo1, j, KW, CP, c)
     if HAS_BIAS:
-        acc0 += tl.load(bias_ptr + c, mask=cmask, other=0.).to(tl.float32)[None, :]
-    tl.store(y0_ptr + yoff, acc0.to(y0_ptr.dtype.element_ty), mask=ymask)
-    if not SUM:
-        if NB > 1:
-            tl.store(y1_ptr + yoff, acc1.to(y1_ptr.dtype.element_ty), mask=ymask)
-        if NB > 2:
-            tl.store(y2_ptr + yoff, acc2.to(y2_ptr.dtype.element_ty), mask=ymask)
+        bv = tl.load(bias_ptr + c, mask=cmask, other=0.).to(tl.float32)[None, :]
+        a0, a1, a2, a3 = a0 + bv, a1 + bv, a2 + bv, a3 + bv
+    yb = n.to(tl.int64) * syn
+    _store_row(y0_ptr, part_ptr, a0, yb, h0, ow, c, cmask, H, W, syc, syh, syw, PARTIAL_IN)
+    _store_row(y0_ptr, part_ptr, a1, yb, h0 + 1, ow, c, cmask, H, W, syc, syh, syw, PARTIAL_IN)
+    _store_row(y0_ptr, part_ptr, a2, yb, h0 + 2, ow, c, cmask, H, W, syc, syh, syw, PARTIAL_IN)
+    _store_row(y0_ptr, part_ptr, a3, yb, h0 + 3, ow, c, cmask, H, W, syc, syh, syw, PARTIAL_IN)
+    if NK == 2:
+        if not SUM:
+            _store_row(y1_ptr, part_ptr, b0, yb, h0, ow, c, cmask, H, W, syc, syh, syw, False)
+            _store_row(y1_ptr, part_ptr, b1, yb, h0 + 1, ow, c, cmask, H, W, syc, syh, syw, False)
+            _store_row(y1_ptr, part_ptr, b2, yb, h0 + 2, ow, c, cmask, H, W, syc, syh, syw, False)
+            _store_row(y1_ptr, part_ptr, b3, yb, h0 + 3, ow, c, cmask, H, W, syc, syh, syw, False)
 
 
 @triton.jit
-def _dw_wgrad_kernel(x_ptr, dy_ptr, part_ptr, C, H, W, NH, ROWS,
-                     sxn, sxc, sxh, sxw, syn, syc, syh, syw, KH, KW,
-                     BLOCK_P: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_C: tl.constexpr):
-    """part[s, c, i, j0:j0+BLOCK_KW] = sum over rows r in chunk s (r = n*H + h) and all w of
-    dy[n, c, h, w] * x[n, c, h + i - KH//2, w + j - KW//2]. Rows whose shifted row falls in the padding are skipped."""
-    pid_t, pid_c, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n_jb = tl.cdiv(KW, BLOCK_KW)
-    i = pid_t // n_jb
-    jj = (pid_t % n_jb) * BLOCK_KW + tl.arange(0, BLOCK_KW)
-    jmask = jj < KW
+def _wgrad_row(x_ptr, xoff, xm, ih, sxh, H):
+    """One input row's tile (zero outside the map) as float32."""
+    return tl.load(x_ptr + xoff + ih * sxh, mask=xm & (ih >= 0) & (ih < H), other=0.).to(tl.float32)
+
+
+@triton.jit
+def _dw_wgrad_kernel(x_ptr, dy_ptr, part_ptr, C, H, W, KH, KW, HC, ROWS,
+                     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """part[s, c, i0 + r, j] (r = 0..3) = sum over the output rows h of chunk s (image s // HC, rows
+    [(s % HC) * ROWS, + ROWS)) and all columns w of dy[n, c, h, w] * x[n, c, h + i0 + r - KH//2, w + j - KW//2].
+
+    Walking down the rows, the four taps' input rows slide by one: each step loads one new input row and one
+    output-gradient row for four products (unrolled by four, so the window rotates without register moves). Only the
+    rows and column tiles that reach the map for some tap are visited."""
+    pid_t, pid_c, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i0 = (pid_t // KW) * 4
+    j = pid_t % KW
+    n = s // HC
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    acc = tl.zeros([BLOCK_KW, BLOCK_C], dtype=tl.float32)
-    r_start = pid_s * ROWS
-    r_stop = tl.minimum(r_start + ROWS, NH)
-    for r in range(r_start, r_stop):
-        n = r // H
-        h = r % H
-        ih = h + i - KH // 2
-        if (ih >= 0) & (ih < H):
-            ybase = n.to(tl.int64) * syn + h * syh
-            xbase = n.to(tl.int64) * sxn + ih * sxh
-            for w0 in range(0, W, BLOCK_P):
-                w = w0 + tl.arange(0, BLOCK_P)
-                wmask = w < W
-                dy = tl.load(dy_ptr + ybase + (w * syw)[:, None] + (c * syc)[None, :],
-                             mask=wmask[:, None] & cmask[None, :], other=0.).to(tl.float32)
-                iw = w[:, None] + jj[None, :] - KW // 2
-                m = wmask[:, None] & jmask[None, :] & (iw >= 0) & (iw < W)
-                xv = tl.load(x_ptr + xbase + (iw * sxw)[:, :, None] + (c * sxc)[None, None, :],
-                             mask=m[:, :, None] & cmask[None, None, :], other=0.).to(tl.float32)
-                acc += tl.sum(xv * dy[:, None, :], axis=0)
-    off = pid_s.to(tl.int64) * (C * KH * KW) + (c * (KH * KW))[None, :] + (i * KW + jj)[:, None]
-    tl.store(part_ptr + off, acc, mask=jmask[:, None] & cmask[None, :])
+    # output rows of this chunk whose row h + i0 + r - KH//2 is in the map for some r
+    h_end = tl.minimum((s % HC) * ROWS + ROWS, H)
+    h_lo = tl.maximum((s % HC) * ROWS, KH // 2 - i0 - 3)
+    h_hi = tl.minimum(h_end, H + KH // 2 - i0)
+    # output columns whose input column w + j - KW//2 is in the map
+    w_lo = tl.maximum(KW // 2 - j, 0)
+    w_hi = tl.minimum(W + KW // 2 - j, W)
+    a0 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    a1, a2, a3 = a0, a0, a0
+    xb = n.to(tl.int64) * sxn
+    yb = n.to(tl.int64) * syn
+    for wt in range(w_lo // BLOCK_W, tl.cdiv(w_hi, BLOCK_W)):
+        w = wt * BLOCK_W + tl.arange(0, BLOCK_W)
+        xcol = w + (j - KW // 2)
+        xm = ((w >= w_lo) & (w < w_hi))[:, None] & cmask[None, :]
+        xoff = xb + (xcol * sxw)[:, None] + (c * sxc)[None, :]
+        yoff = yb + (w * syw)[:, None] + (c * syc)[None, :]
+        base = h_lo + i0 - KH // 2  # input row of tap row i0 for output row h_lo
+        s0 = _wgrad_row(x_ptr, xoff, xm, base, sxh, H)
+        s1 = _wgrad_row(x_ptr, xoff, xm, base + 1, sxh, H)
+        s2 = _wgrad_row(x_ptr, xoff, xm, base + 2, sxh, H)
+        for h in range(h_lo, h_hi, 4):  # rows past h_hi load a zero output gradient
+            base = h + i0 - KH // 2
+            s3 = _wgrad_row(x_ptr, xoff, xm, base + 3, sxh, H)
+            d = _wgrad_row(dy_ptr, yoff, xm, h, syh, h_hi)
+            a0, a1, a2, a3 = a0 + d * s0, a1 + d * s1, a2 + d * s2, a3 + d * s3
+            s0 = _wgrad_row(x_ptr, xoff, xm, base + 4, sxh, H)
+            d = _wgrad_row(dy_ptr, yoff, xm, h + 1, syh, h_hi)
+            a0, a1, a2, a3 = a0 + d * s1, a1 + d * s2, a2 + d * s3, a3 + d * s0
+            s1 = _wgrad_row(x_ptr, xoff, xm, base + 5, sxh, H)
+            d = _wgrad_row(dy_ptr, yoff, xm, h + 2, syh, h_hi)
+            a0, a1, a2, a3 = a0 + d * s2, a1 + d * s3, a2 + d * s0, a3 + d * s1
+            s2 = _wgrad_row(x_ptr, xoff, xm, base + 6, sxh, H)
+            d = _wgrad_row(dy_ptr, yoff, xm, h + 3, syh, h_hi)
+            a0, a1, a2, a3 = a0 + d * s3, a1 + d * s0, a2 + d * s1, a3 + d * s2
+    off = s.to(tl.int64) * (C * KH * KW) + c * (KH * KW) + i0 * KW + j
+    tl.store(part_ptr + off, tl.sum(a0, axis=0), mask=cmask & (i0 < KH))
+    tl.store(part_ptr + off + KW, tl.sum(a1, axis=0), mask=cmask & (i0 + 1 < KH))
+    tl.store(part_ptr + off + 2 * KW, tl.sum(a2, axis=0), mask=cmask & (i0 + 2 < KH))
+    tl.store(part_ptr + off + 3 * KW, tl.sum(a3, axis=0), mask=cmask & (i0 + 3 < KH))
 
 
 def _pow2(n: int) -> int:
@@ -181,70 +206,110 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _fwd_blocks(c: int, h: int, w: int, channels_last: bool):
-    """Tile shape: channels innermost for channels_last (coalesced over C), width innermost for NCHW."""
-    if channels_last:
-        bc = min(32, _pow2(c))
-        return 4, 8, bc
+def _fwd_blocks(c: int, w: int):
+    """Tile of one program (times four output rows): BLOCK_W columns × BLOCK_C channels, 1024 elements (8 per thread
+    of 4 warps) unless the map or the channel count is smaller."""
     bw = min(32, _pow2(w))
-    return max(1, min(64 // bw, _pow2(h))), bw, min(4, _pow2(c))
+    return bw, min(_pow2(c), max(32, 1024 // bw))
 
 
-def _num_chunks(device: torch.device, programs: int, rows: int) -> int:
-    target = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else 1)
-    return max(1, min(rows, -(-target // max(1, programs))))
+def _wide(k: torch.Tensor) -> bool:
+    """Kernels wider than tall run on the transposed map (H and W strides swapped, no copy), so that the four output
+    rows a program shares its input loads across lie along the kernel's long side."""
+    return k.shape[3] > k.shape[2]
+
+
+def _groups(weights: Sequence[torch.Tensor]) -> List[List[int]]:
+    """Kernels per launch: pairs of the same orientation and width (the taller first, its rows cover the other's),
+    e.g. SLaK's M×N and N×N branches; the rest alone."""
+    def key(k):
+        return _wide(k), min(k.shape[2:])
+    left, groups = list(range(len(weights))), []
+    while left:
+        a = left.pop(0)
+        b = next((b for b in left if key(weights[b]) == key(weights[a])), None)
+        if b is None:
+            groups.append([a])
+            continue
+        left.remove(b)
+        groups.append(sorted([a, b], key=lambda k: -max(weights[k].shape[2:])))
+    return groups
+
+
+def _oriented(t: torch.Tensor, wide: bool) -> torch.Tensor:
+    return t.transpose(2, 3) if wide else t
 
 
 def _launch_fwd(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
-                sum_outputs: bool, share: bool) -> List[torch.Tensor]:
-    """Run ``_dw_fwd_kernel`` over inputs ``xs`` (same shape and strides) with (C, 1, kh, kw) ``weights``."""
-    x = xs[0]
-    n, c, h, w = x.shape
-    fmt = memory_format_of(x)
-    nb = len(weights)
-    outs = [torch.empty_like(x, memory_format=fmt) for _ in range(1 if sum_outputs else nb)]
-    if x.numel() == 0:
+                sum_outputs: bool) -> List[torch.Tensor]:
+    """Depthwise 'same' convs of ``xs[k]`` (same shape) with (C, 1, kh, kw) ``weights[k]``: one output per kernel in
+    the inputs' layout, or (``sum_outputs``) their sum plus ``bias``. Inputs run channels_last (a copy if they are
+    not), so that either orientation reads whole channel vectors."""
+    fmt = memory_format_of(xs[0])
+    cl = {}  # each distinct input once (the unit's branches share one)
+    for x in xs:
+        if id(x) not in cl:
+            cl[id(x)] = x.contiguous(memory_format=torch.channels_last)
+    xs = [cl[id(x)] for x in xs]
+    n, c = xs[0].shape[:2]
+    outs = [torch.empty_like(xs[0], memory_format=fmt) for _ in range(1 if sum_outputs else len(weights))]
+    if xs[0].numel() == 0:
         return outs
-    ws = [k.permute(2, 3, 0, 1).contiguous() for k in weights]  # (kh, kw, C, 1): tap-major, channels contiguous
-    ws += [ws[0]] * (3 - nb)
-    xs = list(xs) + [xs[0]] * (3 - len(xs))
-    ys = outs + [outs[0]] * (3 - len(outs))
-    sizes = [(k.shape[0], k.shape[1]) for k in ws]
-    bh, bw, bc = _fwd_blocks(c, h, w, fmt == torch.channels_last)
-    grid = (triton.cdiv(h, bh) * triton.cdiv(w, bw), triton.cdiv(c, bc), n)
-    _dw_fwd_kernel[grid](xs[0], xs[1], xs[2], ws[0], ws[1], ws[2], bias if bias is not None else ws[0],
-                         ys[0], ys[1], ys[2], c, h, w, *x.stride(), *outs[0].stride(),
-                         sizes[0][0], sizes[0][1], sizes[1][0], sizes[1][1], sizes[2][0], sizes[2][1],
-                         NB=nb, SUM=sum_outputs, SHARE=share, HAS_BIAS=bias is not None,
-                         BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc)
+    groups = _groups(weights)
+    # summed launches add up in a float32 partial sum; the last one writes the output (one rounding)
+    part = torch.empty_like(outs[0], dtype=torch.float32) if sum_outputs and len(groups) > 1 else None
+    for g, ks in enumerate(groups):
+        wide = _wide(weights[ks[0]])
+        x0, x1 = (_oriented(xs[k], wide) for k in (ks[0], ks[-1]))
+        _, _, hh, ww = x0.shape
+        bw, bc = _fwd_blocks(c, ww)
+        cp = triton.cdiv(c, bc) * bc
+        # (3 + kh + 3, kw, cp): tap-major, channels contiguous, zero-padded (see _rows4)
+        w0, w1 = (F.pad(_oriented(weights[k], wide)[:, 0].permute(1, 2, 0).float(), (0, cp - c, 0, 0, 3, 3))
+                  for k in (ks[0], ks[-1]))
+        last = g == len(groups) - 1
+        if sum_outputs:
+            y0 = y1 = _oriented(outs[0] if last else part, wide)
+        else:
+            y0, y1 = (_oriented(outs[k], wide) for k in (ks[0], ks[-1]))
+        p = _oriented(part, wide) if part is not None else y0
+        grid = (triton.cdiv(hh, 4) * triton.cdiv(ww, bw), triton.cdiv(c, bc), n)
+        has_bias = bias is not None and sum_outputs and last
+        _dw_rows_kernel[grid](x0, x1, w0, w1, bias if has_bias else w0, y0, y1, p,
+                              c, hh, ww, *x0.stride(), *y0.stride(), w0.shape[0] - 6, w1.shape[0] - 6, w0.shape[1], cp,
+                              NK=len(ks), SAME_X=xs[ks[0]] is xs[ks[-1]], SUM=sum_outputs,
+                              PARTIAL_IN=part is not None and g > 0, HAS_BIAS=has_bias, BLOCK_W=bw, BLOCK_C=bc)
     return outs
 
 
-def _launch_wgrad(x: torch.Tensor, dy: torch.Tensor, kernel_size, dtype: torch.dtype) -> torch.Tensor:
-    """d(loss)/d(weight) of shape (C, 1, kh, kw) for output gradient ``dy`` (same shape and strides as ``x``)."""
-    n, c, h, w = x.shape
+def _launch_wgrad(x: torch.Tensor, dy: torch.Tensor, kernel_size, dtype: torch.dtype,
+                  min_programs: Optional[int] = None) -> torch.Tensor:
+    """d(loss)/d(weight) of shape (C, 1, kh, kw) for output gradient ``dy``: float32 partial sums per chunk of
+    output rows, summed afterwards (deterministic). Wide kernels run on the transposed maps (as in the forward).
+    Output rows are split into chunks (whole images, then runs of a multiple of four rows) until there are
+    ``min_programs`` programs (default: 4 per SM) or every chunk has four rows."""
+    n, c = x.shape[:2]
     kh, kw = kernel_size
     if x.numel() == 0:
         return torch.zeros(c, 1, kh, kw, device=x.device, dtype=dtype)
-    channels_last = memory_format_of(x) == torch.channels_last
-    bkw = min(16, _pow2(kw))
-    bc = min(32 if channels_last else 8, _pow2(c))
-    bp = min(16 if channels_last else 32, _pow2(w))
-    programs = kh * triton.cdiv(kw, bkw) * triton.cdiv(c, bc)
-    chunks = _num_chunks(x.device, programs, n * h)
-    rows = -(-(n * h) // chunks)
-    chunks = -(-(n * h) // rows)
-    part = torch.empty(chunks, c, kh, kw, device=x.device, dtype=torch.float32)
-    grid = (kh * triton.cdiv(kw, bkw), triton.cdiv(c, bc), chunks)
-    _dw_wgrad_kernel[grid](x, dy, part, c, h, w, n * h, rows, *x.stride(), *dy.stride(), kh, kw,
-                           BLOCK_P=bp, BLOCK_KW=bkw, BLOCK_C=bc)
-    return part.sum(0).unsqueeze(1).to(dtype)
-
-
-def _can_share(weights: Sequence[torch.Tensor]) -> bool:
-    """Third kernel centred inside the first one's columns (SLaK: N×N inside M×N): reuse the first one's loads."""
-    return (len(weights) == 3 and weights[2].shape[3] == weights[0].shape[3]
-            and weights[2].shape[2] <= weights[0].shape[2])
+    wide = kw > kh
+    x = _oriented(x.contiguous(memory_format=torch.channels_last), wide)
+    dy = _oriented(dy.contiguous(memory_format=torch.channels_last), wide)
+    (_, _, hh, ww), (th, tw) = x.shape, ((kw, kh) if wide else (kh, kw))
+    bw = min(16, _pow2(ww))  # 512-element tiles: 78 registers on sm_90 (1024: 168, fewer programs per SM)
+    bc = min(_pow2(c), max(32, 512 // bw))
+    programs = triton.cdiv(th, 4) * tw * triton.cdiv(c, bc)
+    if min_programs is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == 'cuda' else 1
+        min_programs = 4 * sms
+    hc = max(1, min(triton.cdiv(hh, 4), triton.cdiv(min_programs, programs * n)))
+    rows = triton.cdiv(triton.cdiv(hh, hc), 4) * 4
+    hc = triton.cdiv(hh, rows)
+    part = torch.empty(n * hc, c, th, tw, device=x.device, dtype=torch.float32)
+    _dw_wgrad_kernel[(triton.cdiv(th, 4) * tw, triton.cdiv(c, bc), n * hc)](
+        x, dy, part, c, hh, ww, th, tw, hc, rows, *x.stride(), *dy.stride(), BLOCK_W=bw, BLOCK_C=bc)
+    grad = part.sum(0)
+    return (grad.transpose(1, 2) if wide else grad).unsqueeze(1).to(dtype)
 
 
 class _DepthwiseBranches(torch.autograd.Function):
@@ -253,7 +318,7 @@ class _DepthwiseBranches(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, sum_outputs, *weights):
         x = x.contiguous(memory_format=memory_format_of(x))
-        outs = _launch_fwd([x] * len(weights), weights, bias, sum_outputs, not sum_outputs and _can_share(weights))
+        outs = _launch_fwd([x] * len(weights), weights, bias, sum_outputs)
         ctx.save_for_backward(x, *weights)
         ctx.sum_outputs, ctx.has_bias = sum_outputs, bias is not None
         return outs[0] if sum_outputs else tuple(outs)
@@ -269,7 +334,7 @@ class _DepthwiseBranches(torch.autograd.Function):
         live = [(g, k) for g, k in zip(grads, weights) if g is not None]
         if ctx.needs_input_grad[0] and live:
             # The transposed 'same' conv of an odd kernel is the 'same' conv with the flipped kernel.
-            dx = _launch_fwd([g for g, _ in live], [k.flip(2, 3) for _, k in live], None, True, False)[0]
+            dx = _launch_fwd([g for g, _ in live], [k.flip(2, 3) for _, k in live], None, True)[0]
         if ctx.has_bias and ctx.needs_input_grad[1]:
             db = grads[0].sum((0, 2, 3), dtype=torch.float32).to(x.dtype)
         dws = [_launch_wgrad(x, g, k.shape[2:], k.dtype) if need and g is not None else None
@@ -280,8 +345,8 @@ class _DepthwiseBranches(torch.autograd.Function):
 def dwconv_branches(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor] = None,
                     sum_outputs: bool = False):
     """Triton entry point (arguments already validated by :mod:`slak_mm.ops.dwconv`)."""
-    if len(weights) not in (1, 2, 3):
-        raise ValueError(f'Triton depthwise kernel takes 1 to 3 kernels, got {len(weights)}')
+    if not weights:
+        raise ValueError('Triton depthwise kernel: at least one kernel')
     if bias is not None and not sum_outputs:
         raise ValueError('bias is only supported for a single kernel or summed outputs')
     return _DepthwiseBranches.apply(x, bias, sum_outputs, *weights)
