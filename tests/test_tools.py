@@ -90,6 +90,27 @@ def test_gpu_kernel_check_script_self_test(tmp_path):
     assert all(0 < r['weight_grad'] <= 1e-4 for r in rows if r['dtype'] == 'float32')
 
 
+def test_triton_tile_sweep_checks_every_configuration(tmp_path):
+    """tools/sweep_triton_tiles.py (run last by tools/gpu_checks.sh) checks each tile size and warp count it would
+    time against F.conv2d first; its CPU self-test (interpreter, no timing) does that on a shape where the tile sizes
+    give different program shapes, forward and weight gradient."""
+    import json
+    from slak_mm.ops.triton_dwconv import _blocks
+    import sweep_triton_tiles as sweep
+    assert len({_blocks(40, 33, e) for e, _ in sweep.FORWARD}) == len({e for e, _ in sweep.FORWARD}) > 1
+    assert len({_blocks(40, 33, e) for e, _ in sweep.WGRAD}) == len({e for e, _ in sweep.WGRAD}) > 1
+    out = tmp_path / 'tiles.json'
+    proc = subprocess.run([sys.executable, 'tools/sweep_triton_tiles.py', '--tiny', '--sizes', '224', '--stages', '1',
+                           '--json', str(out)], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, TRITON_INTERPRET='1'))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.load(open(out))
+    assert not result['wrong']
+    got = {(r['kernel'], r['elems'], r['warps']) for r in result['rows']}
+    assert got == {('forward', e, w) for e, w in sweep.FORWARD} | {('wgrad', e, w) for e, w in sweep.WGRAD}
+    assert all(0 < r['rel_err'] <= 1.6e-2 and r['shape'] == [1, 40, 5, 33] for r in result['rows'])
+
+
 def test_interleaved_timing_shuffles_the_order_and_pairs_the_ratios():
     # The benchmark statistics, without timing anything: every function runs warmup + repeats times, the order changes
     # between repeats (a fixed order charges cache eviction to the same function), and the ratio is taken per repeat.

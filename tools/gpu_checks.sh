@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one script, for a lent GPU machine (torch + Triton + timm; no mm packages needed):
-# kernel correctness first, then the depthwise-unit and backbone benchmarks. Results go under ${OUT:-work_dirs/gpu}.
+# kernel correctness first, then the depthwise-unit and backbone benchmarks, then the Triton tile sizes (chosen without
+# a GPU) timed against each other. Results go under ${OUT:-work_dirs/gpu}.
 #   bash tools/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,3 +17,4 @@ $PY tools/benchmark_dwconv.py --sizes 224 512 800x1344 --dtypes bfloat16 float16
     --json "$OUT/dwconv.json" 2>&1 | tee "$OUT/dwconv.log"
 $PY tools/benchmark.py --sizes 224 512 --train --repeats 10 --json "$OUT/backbone_fp32.json" 2>&1 | tee "$OUT/backbone_fp32.log"
 $PY tools/benchmark.py --sizes 224 512 --train --amp --repeats 10 --json "$OUT/backbone_amp.json" 2>&1 | tee "$OUT/backbone_amp.log"
+$PY tools/sweep_triton_tiles.py --json "$OUT/triton_tiles.json" 2>&1 | tee "$OUT/triton_tiles.log"

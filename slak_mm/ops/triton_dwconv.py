@@ -206,11 +206,18 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _fwd_blocks(c: int, w: int):
-    """Tile of one program (times four output rows): BLOCK_W columns × BLOCK_C channels, 1024 elements (8 per thread
-    of 4 warps) unless the map or the channel count is smaller."""
-    bw = min(32, _pow2(w))
-    return bw, min(_pow2(c), max(32, 1024 // bw))
+#: Elements per program tile (BLOCK_W × BLOCK_C, then four output rows in the forward) and warps per program.
+#: Chosen from the sm_90 machine code without a GPU (docs/benchmarks.md, GPU section): forward 1024 (8 per thread:
+#: 36-44% FFMAs in the inner loop; 512: 27%, at 56 instead of 118 registers), weight gradient 512 (1024: 168
+#: registers). ``tools/sweep_triton_tiles.py`` times the alternatives on a GPU.
+TILES = dict(forward=1024, wgrad=512, num_warps=4)
+
+
+def _blocks(c: int, w: int, elems: int):
+    """BLOCK_W columns (up to 32) × BLOCK_C channels (at least 32): ``elems`` elements unless the map or the channel
+    count is smaller."""
+    bw = min(32, _pow2(w), max(1, elems // 32))
+    return bw, min(_pow2(c), max(32, elems // bw))
 
 
 def _wide(k: torch.Tensor) -> bool:
@@ -262,7 +269,7 @@ def _launch_fwd(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], bia
         wide = _wide(weights[ks[0]])
         x0, x1 = (_oriented(xs[k], wide) for k in (ks[0], ks[-1]))
         _, _, hh, ww = x0.shape
-        bw, bc = _fwd_blocks(c, ww)
+        bw, bc = _blocks(c, ww, TILES['forward'])
         cp = triton.cdiv(c, bc) * bc
         # (3 + kh + 3, kw, cp): tap-major, channels contiguous, zero-padded (see _rows4)
         w0, w1 = (F.pad(_oriented(weights[k], wide)[:, 0].permute(1, 2, 0).float(), (0, cp - c, 0, 0, 3, 3))
@@ -278,7 +285,8 @@ def _launch_fwd(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], bia
         _dw_rows_kernel[grid](x0, x1, w0, w1, bias if has_bias else w0, y0, y1, p,
                               c, hh, ww, *x0.stride(), *y0.stride(), w0.shape[0] - 6, w1.shape[0] - 6, w0.shape[1], cp,
                               NK=len(ks), SAME_X=xs[ks[0]] is xs[ks[-1]], SUM=sum_outputs,
-                              PARTIAL_IN=part is not None and g > 0, HAS_BIAS=has_bias, BLOCK_W=bw, BLOCK_C=bc)
+                              PARTIAL_IN=part is not None and g > 0, HAS_BIAS=has_bias, BLOCK_W=bw, BLOCK_C=bc,
+                              num_warps=TILES['num_warps'])
     return outs
 
 
@@ -296,8 +304,7 @@ def _launch_wgrad(x: torch.Tensor, dy: torch.Tensor, kernel_size, dtype: torch.d
     x = _oriented(x.contiguous(memory_format=torch.channels_last), wide)
     dy = _oriented(dy.contiguous(memory_format=torch.channels_last), wide)
     (_, _, hh, ww), (th, tw) = x.shape, ((kw, kh) if wide else (kh, kw))
-    bw = min(16, _pow2(ww))  # 512-element tiles: 78 registers on sm_90 (1024: 168, fewer programs per SM)
-    bc = min(_pow2(c), max(32, 512 // bw))
+    bw, bc = _blocks(c, ww, TILES['wgrad'])
     programs = triton.cdiv(th, 4) * tw * triton.cdiv(c, bc)
     if min_programs is None:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == 'cuda' else 1
@@ -307,7 +314,8 @@ def _launch_wgrad(x: torch.Tensor, dy: torch.Tensor, kernel_size, dtype: torch.d
     hc = triton.cdiv(hh, rows)
     part = torch.empty(n * hc, c, th, tw, device=x.device, dtype=torch.float32)
     _dw_wgrad_kernel[(triton.cdiv(th, 4) * tw, triton.cdiv(c, bc), n * hc)](
-        x, dy, part, c, hh, ww, th, tw, hc, rows, *x.stride(), *dy.stride(), BLOCK_W=bw, BLOCK_C=bc)
+        x, dy, part, c, hh, ww, th, tw, hc, rows, *x.stride(), *dy.stride(), BLOCK_W=bw, BLOCK_C=bc,
+        num_warps=TILES['num_warps'])
     grad = part.sum(0)
     return (grad.transpose(1, 2) if wide else grad).unsqueeze(1).to(dtype)
 
