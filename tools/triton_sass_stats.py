@@ -5,9 +5,10 @@
 Compiles each kernel variant SLaK uses (forward: the M×N + N×N pair sharing loads, one band alone; weight gradient)
 for sm_90 with Triton's bundled ptxas, specialised as Triton's JIT specialises them for channels_last tensors (the
 channel stride 1 a compile-time constant, pointers and row strides 16-divisible), disassembles the cubin with the
-bundled nvdisasm, and reports for the innermost loop with the most FFMAs: its instructions, FFMAs, global loads and
-the FFMA share of the issued instructions, plus the registers per thread. A static measure, not a timing: on a GPU
-the kernel may be bound by memory or latency instead; `bash tools/gpu_checks.sh` times it.
+bundled nvdisasm, and reports for the innermost loop with the most FFMAs (of several such loops, the leanest: the
+kernel's path through the map's interior; the JSON lists the others' instruction counts): its instructions, FFMAs,
+global loads and the FFMA share of the issued instructions, plus the registers per thread. A static measure, not a
+timing: on a GPU the kernel may be bound by memory or latency instead; `bash tools/gpu_checks.sh` times it.
 Runs in a fresh process with TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled).
 """
 import argparse
@@ -85,11 +86,15 @@ def compile_stats(dtype: str):
                                    text=True).stdout
         regs = re.search(r'REG:(\d+)', usage)
         local = re.search(r'LOCAL:(\d+)', usage)
-        total, counts = max(loops(sass), key=lambda lc: lc[1].get('FFMA', 0))
+        hot = loops(sass)
+        most = max(lc[1].get('FFMA', 0) for lc in hot)
+        edges = sorted(total for total, counts in hot if counts.get('FFMA', 0) == most)
+        total, counts = next(lc for lc in hot if lc[0] == edges[0] and lc[1].get('FFMA', 0) == most)
         ffma = counts.get('FFMA', 0)
         ldg = counts.get('LDG', 0)
         rows.append(dict(variant=name, dtype=dtype, loop_instructions=total, ffma=ffma, ldg=ldg,
                          ffma_share=ffma / total, ffma_per_ldg=ffma / max(ldg, 1),
+                         other_loops_instructions=edges[1:],
                          registers=int(regs.group(1)) if regs else None,
                          local_bytes=int(local.group(1)) if local else None))
     return rows

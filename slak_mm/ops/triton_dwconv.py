@@ -132,9 +132,31 @@ def _dw_rows_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, bias_ptr, y0_ptr, y1_ptr, pa
 
 
 @triton.jit
-def _wgrad_row(x_ptr, xoff, xm, ih, sxh, H):
-    """One input row's tile (zero outside the map) as float32."""
-    return tl.load(x_ptr + xoff + ih * sxh, mask=xm & (ih >= 0) & (ih < H), other=0.).to(tl.float32)
+def _wgrad_row(x_ptr, xoff, xm, ih, sxh, H, ROW_MASK: tl.constexpr):
+    """One row's tile as float32: zero outside rows [0, H) if ROW_MASK (else the caller knows the row is inside)."""
+    if ROW_MASK:
+        xm = xm & (ih >= 0) & (ih < H)
+    return tl.load(x_ptr + xoff + ih * sxh, mask=xm, other=0.).to(tl.float32)
+
+
+@triton.jit
+def _wgrad_steps(a0, a1, a2, a3, s0, s1, s2, x_ptr, dy_ptr, xoff, yoff, xm, h, base, sxh, syh, H, h_hi,
+                 ROW_MASK: tl.constexpr):
+    """Four output rows h .. h + 3: each loads the next input row into the window (s0..s3, rotating) and its
+    output-gradient row, and adds four products; the window comes back in the same order."""
+    s3 = _wgrad_row(x_ptr, xoff, xm, base + 3, sxh, H, ROW_MASK)
+    d = _wgrad_row(dy_ptr, yoff, xm, h, syh, h_hi, ROW_MASK)
+    a0, a1, a2, a3 = a0 + d * s0, a1 + d * s1, a2 + d * s2, a3 + d * s3
+    s0 = _wgrad_row(x_ptr, xoff, xm, base + 4, sxh, H, ROW_MASK)
+    d = _wgrad_row(dy_ptr, yoff, xm, h + 1, syh, h_hi, ROW_MASK)
+    a0, a1, a2, a3 = a0 + d * s1, a1 + d * s2, a2 + d * s3, a3 + d * s0
+    s1 = _wgrad_row(x_ptr, xoff, xm, base + 5, sxh, H, ROW_MASK)
+    d = _wgrad_row(dy_ptr, yoff, xm, h + 2, syh, h_hi, ROW_MASK)
+    a0, a1, a2, a3 = a0 + d * s2, a1 + d * s3, a2 + d * s0, a3 + d * s1
+    s2 = _wgrad_row(x_ptr, xoff, xm, base + 6, sxh, H, ROW_MASK)
+    d = _wgrad_row(dy_ptr, yoff, xm, h + 3, syh, h_hi, ROW_MASK)
+    a0, a1, a2, a3 = a0 + d * s3, a1 + d * s0, a2 + d * s1, a3 + d * s2
+    return a0, a1, a2, a3, s0, s1, s2
 
 
 @triton.jit
@@ -171,23 +193,20 @@ def _dw_wgrad_kernel(x_ptr, dy_ptr, part_ptr, C, H, W, KH, KW, HC, ROWS,
         xoff = xb + (xcol * sxw)[:, None] + (c * sxc)[None, :]
         yoff = yb + (w * syw)[:, None] + (c * syc)[None, :]
         base = h_lo + i0 - KH // 2  # input row of tap row i0 for output row h_lo
-        s0 = _wgrad_row(x_ptr, xoff, xm, base, sxh, H)
-        s1 = _wgrad_row(x_ptr, xoff, xm, base + 1, sxh, H)
-        s2 = _wgrad_row(x_ptr, xoff, xm, base + 2, sxh, H)
-        for h in range(h_lo, h_hi, 4):  # rows past h_hi load a zero output gradient
-            base = h + i0 - KH // 2
-            s3 = _wgrad_row(x_ptr, xoff, xm, base + 3, sxh, H)
-            d = _wgrad_row(dy_ptr, yoff, xm, h, syh, h_hi)
-            a0, a1, a2, a3 = a0 + d * s0, a1 + d * s1, a2 + d * s2, a3 + d * s3
-            s0 = _wgrad_row(x_ptr, xoff, xm, base + 4, sxh, H)
-            d = _wgrad_row(dy_ptr, yoff, xm, h + 1, syh, h_hi)
-            a0, a1, a2, a3 = a0 + d * s1, a1 + d * s2, a2 + d * s3, a3 + d * s0
-            s1 = _wgrad_row(x_ptr, xoff, xm, base + 5, sxh, H)
-            d = _wgrad_row(dy_ptr, yoff, xm, h + 2, syh, h_hi)
-            a0, a1, a2, a3 = a0 + d * s2, a1 + d * s3, a2 + d * s0, a3 + d * s1
-            s2 = _wgrad_row(x_ptr, xoff, xm, base + 6, sxh, H)
-            d = _wgrad_row(dy_ptr, yoff, xm, h + 3, syh, h_hi)
-            a0, a1, a2, a3 = a0 + d * s3, a1 + d * s0, a2 + d * s1, a3 + d * s2
+        s0 = _wgrad_row(x_ptr, xoff, xm, base, sxh, H, True)
+        s1 = _wgrad_row(x_ptr, xoff, xm, base + 1, sxh, H, True)
+        s2 = _wgrad_row(x_ptr, xoff, xm, base + 2, sxh, H, True)
+        # groups of four output rows from h_lo: the first ones load only rows inside the map (h_lo keeps the new
+        # input rows at or below row 0 out; up to `last`, they stay above row H and the output rows below h_hi) and
+        # need no row masks; the rest are masked
+        last = tl.minimum(h_hi - 4, H - 7 - i0 + KH // 2)
+        mid = h_lo + tl.maximum(last - h_lo + 4, 0) // 4 * 4
+        for h in range(h_lo, mid, 4):
+            a0, a1, a2, a3, s0, s1, s2 = _wgrad_steps(a0, a1, a2, a3, s0, s1, s2, x_ptr, dy_ptr, xoff, yoff, xm, h,
+                                                      h + i0 - KH // 2, sxh, syh, H, h_hi, False)
+        for h in range(mid, h_hi, 4):  # rows past h_hi load a zero output gradient
+            a0, a1, a2, a3, s0, s1, s2 = _wgrad_steps(a0, a1, a2, a3, s0, s1, s2, x_ptr, dy_ptr, xoff, yoff, xm, h,
+                                                      h + i0 - KH // 2, sxh, syh, H, h_hi, True)
     off = s.to(tl.int64) * (C * KH * KW) + c * (KH * KW) + i0 * KW + j
     tl.store(part_ptr + off, tl.sum(a0, axis=0), mask=cmask & (i0 < KH))
     tl.store(part_ptr + off + KW, tl.sum(a1, axis=0), mask=cmask & (i0 + 1 < KH))
@@ -208,7 +227,7 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 
 #: Elements per program tile (BLOCK_W × BLOCK_C, then four output rows in the forward) and warps per program.
 #: Chosen from the sm_90 machine code without a GPU (docs/benchmarks.md, GPU section): forward 1024 (8 per thread:
-#: 36-44% FFMAs in the inner loop; 512: 27%, at 56 instead of 118 registers), weight gradient 512 (1024: 168
+#: 36-44% FFMAs in the inner loop; 512: 27%, at 56 instead of 118 registers), weight gradient 512 (1024: ~170
 #: registers). ``tools/sweep_triton_tiles.py`` times the alternatives on a GPU.
 TILES = dict(forward=1024, wgrad=512, num_warps=4)
 
