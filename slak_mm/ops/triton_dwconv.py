@@ -78,7 +78,7 @@ def _dw_rows_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, bias_ptr, y0_ptr, y1_ptr, pa
                     HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """One or two depthwise kernels of the same width KW (kernel 1 no taller than kernel 0) over a tile of four
     output rows × BLOCK_W columns × BLOCK_C channels. Each input tile is loaded once per (input row, tap column) and
-    feeds the four rows' products (and kernel 1's, when SAME_X), so the loop issues a quarter of a load per product.
+    feeds the four rows' products (and kernel 1's, when SAME_X): four products per input load, not one.
     SUM: kernel 1 adds into kernel 0's output (y0); else it writes y1. PARTIAL_IN adds a float32 partial sum
     (part_ptr, y's strides) before storing."""
     pid_s, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -94,8 +94,8 @@ def _dw_rows_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, bias_ptr, y0_ptr, y1_ptr, pa
     a0 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
     a1, a2, a3 = a0, a0, a0
     b0, b1, b2, b3 = a0, a0, a0, a0
-    # input rows that reach output rows h0 .. h0 + 3 through kernel 0 (kernel 1's are a subset): [lo0, hi0) in the
-    # map; each kernel's tap row for output row h0 is ih - lo
+    # input rows that reach output rows h0 .. h0 + 3 through kernel 0: [lo0, h0 + 4 + KH0 // 2), clipped to the map
+    # (kernel 1's, [lo1, hi1), are a subset); each kernel's tap row for output row h0 is ih - lo
     lo0 = h0 - KH0 // 2
     lo1 = h0 - KH1 // 2
     hi1 = h0 + 4 + KH1 // 2
