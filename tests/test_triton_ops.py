@@ -87,6 +87,20 @@ def test_branches_in_any_order_fp32(channels_last):
     _check_branches((1, 5, 6, 7), [(3, 3), (9, 3), (3, 11), (5, 3)], torch.float32, channels_last)
 
 
+def test_launch_plan_shares_loads_where_it_can():
+    """SLaK's unit is two launches: the M×N band with the N×N kernel (same width: it reuses the band's input loads)
+    and the N×M band on the transposed map; the taller kernel of a pair comes first (its rows cover the other's)."""
+    from slak_mm.ops.triton_dwconv import _groups
+
+    def plan(*shapes):
+        return _groups([torch.empty(1, 1, *k) for k in shapes])
+    assert plan((51, 5), (5, 51), (5, 5)) == [[0, 2], [1]]
+    assert plan((5, 5), (5, 51), (51, 5)) == [[2, 0], [1]]
+    assert plan((51, 5), (5, 51)) == [[0], [1]]      # deployed bands: one launch each
+    assert plan((7, 7)) == [[0]]
+    assert plan((3, 9), (3, 11), (9, 3)) == [[1, 0], [2]]  # two wide kernels 3 high pair up (transposed: 11 × 3 first)
+
+
 @pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
 @pytest.mark.parametrize('kernel', [(13, 3), (3, 13)], ids=['tall', 'wide'])
 def test_weight_gradient_in_row_chunks(kernel, channels_last):
