@@ -277,16 +277,12 @@ def test_backbone_rejects_unknown_conv_impl():
 
 _COMPILE_SM90 = r"""
 import sys
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import triton
+sys.path.insert(0, 'tools')
+from triton_sass_stats import compile_sm90
 from slak_mm.ops import triton_dwconv as T
 
 def build(fn, ptrs, constexprs):
-    signature = {name: ptrs.get(name, 'i32') for name in fn.arg_names}
-    signature.update({name: 'constexpr' for name in constexprs})
-    k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget('cuda', 90, 32))
-    assert k.asm['cubin'], 'no cubin'
+    assert compile_sm90(fn, ptrs, constexprs).asm['cubin'], 'no cubin'
     return 1
 
 n = 0

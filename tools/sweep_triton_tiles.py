@@ -26,15 +26,11 @@ import torch.nn.functional as F  # noqa: E402
 from slak_mm.benchmark_utils import (SLAK_T_STAGES, device_name, gpu_batch, medians,  # noqa: E402
                                      time_interleaved_samples)
 from slak_mm.ops import dwconv2d_branches  # noqa: E402
+from check_triton_gpu import TOL, rel_err  # noqa: E402  (the kernel check's tolerances and error measure)
 
-TOL = {'float32': 1e-4, 'float16': 2e-3, 'bfloat16': 1.6e-2}  # as tools/check_triton_gpu.py
 #: (elements per tile, warps per program) tried for each kernel; the defaults are among them
 FORWARD = [(512, 4), (1024, 4), (1024, 8), (2048, 8)]
 WGRAD = [(256, 4), (512, 4), (1024, 4), (1024, 8)]
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-12)).item()
 
 
 def main() -> int:

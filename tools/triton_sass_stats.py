@@ -64,19 +64,26 @@ def variants(dtype: str):
     ]
 
 
-def compile_stats(dtype: str):
+def compile_sm90(fn, ptrs, constexprs, div16=()):
+    """``fn`` compiled to an sm_90 cubin with Triton's bundled ptxas: pointer arguments typed by ``ptrs``, the others
+    i32 (``div16``: known to be multiples of 16, as the JIT assumes for such values and 16-byte aligned pointers)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    signature = {a: ptrs.get(a, 'i32') for a in fn.arg_names}
+    signature.update({a: 'constexpr' for a in constexprs})
+    attrs = {(fn.arg_names.index(a),): [['tt.divisibility', 16]] for a in div16}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget('cuda', 90, 32))
+
+
+def compile_stats(dtype: str):
+    import triton
     bindir = osp.join(osp.dirname(triton.__file__), 'backends', 'nvidia', 'bin')
     rows = []
     for name, fn, ptrs, constexprs in variants(dtype):
-        signature = {a: ptrs.get(a, 'i32') for a in fn.arg_names}
-        signature.update({a: 'constexpr' for a in constexprs})
         div16 = [a for a in fn.arg_names if a in ptrs or a in ('sxn', 'sxh', 'syn', 'syh', 'CP')]
-        attrs = {(fn.arg_names.index(a),): [['tt.divisibility', 16]] for a in div16}
-        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                           target=GPUTarget('cuda', 90, 32))
+        k = compile_sm90(fn, ptrs, constexprs, div16)
         with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
             f.write(k.asm['cubin'])
             f.flush()

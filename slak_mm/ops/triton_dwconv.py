@@ -267,11 +267,11 @@ def _oriented(t: torch.Tensor, wide: bool) -> torch.Tensor:
 
 
 def _launch_fwd(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
-                sum_outputs: bool) -> List[torch.Tensor]:
+                sum_outputs: bool, fmt: Optional[torch.memory_format] = None) -> List[torch.Tensor]:
     """Depthwise 'same' convs of ``xs[k]`` (same shape) with (C, 1, kh, kw) ``weights[k]``: one output per kernel in
-    the inputs' layout, or (``sum_outputs``) their sum plus ``bias``. Inputs run channels_last (a copy if they are
-    not), so that either orientation reads whole channel vectors."""
-    fmt = memory_format_of(xs[0])
+    layout ``fmt`` (default: the inputs'), or (``sum_outputs``) their sum plus ``bias``. Inputs run channels_last (a
+    copy if they are not), so that either orientation reads whole channel vectors."""
+    fmt = memory_format_of(xs[0]) if fmt is None else fmt
     cl = {}  # each distinct input once (the unit's branches share one)
     for x in xs:
         if id(x) not in cl:
@@ -344,8 +344,10 @@ class _DepthwiseBranches(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, sum_outputs, *weights):
-        x = x.contiguous(memory_format=memory_format_of(x))
-        outs = _launch_fwd([x] * len(weights), weights, bias, sum_outputs)
+        # the kernels' layout, converted once for the forward and the backward; outputs keep the caller's layout
+        ctx.fmt = memory_format_of(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        outs = _launch_fwd([x] * len(weights), weights, bias, sum_outputs, ctx.fmt)
         ctx.save_for_backward(x, *weights)
         ctx.sum_outputs, ctx.has_bias = sum_outputs, bias is not None
         return outs[0] if sum_outputs else tuple(outs)
@@ -353,15 +355,15 @@ class _DepthwiseBranches(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
-        fmt = memory_format_of(x)
-        grads = [g.to(x.dtype).contiguous(memory_format=fmt) if g is not None else None for g in grads]
+        grads = [g.to(x.dtype).contiguous(memory_format=torch.channels_last) if g is not None else None
+                 for g in grads]
         if ctx.sum_outputs:
             grads = grads * len(weights)
         dx = db = None
         live = [(g, k) for g, k in zip(grads, weights) if g is not None]
         if ctx.needs_input_grad[0] and live:
             # The transposed 'same' conv of an odd kernel is the 'same' conv with the flipped kernel.
-            dx = _launch_fwd([g for g, _ in live], [k.flip(2, 3) for _, k in live], None, True)[0]
+            dx = _launch_fwd([g for g, _ in live], [k.flip(2, 3) for _, k in live], None, True, ctx.fmt)[0]
         if ctx.has_bias and ctx.needs_input_grad[1]:
             db = grads[0].sum((0, 2, 3), dtype=torch.float32).to(x.dtype)
         dws = [_launch_wgrad(x, g, k.shape[2:], k.dtype) if need and g is not None else None
