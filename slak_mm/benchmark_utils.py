@@ -1,4 +1,7 @@
 """Timing helpers shared by the benchmark tools: device naming, synchronised interleaved timing, GEMM rate."""
+import json
+import os
+import os.path as osp
 import platform
 import random
 import statistics
@@ -100,6 +103,19 @@ def paired_ratio(samples: Dict[str, List[float]], name: str, base: str) -> Tuple
         return ratios[0], ratios[0], ratios[0]
     q1, _, q3 = statistics.quantiles(ratios, n=4, method='inclusive')
     return statistics.median(ratios), q1, q3
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write a benchmark's results as JSON, replacing ``path`` in one step (a temporary file renamed over it).
+
+    The benchmarks call this after every row with ``complete=False`` in the payload and once more at the end with
+    ``complete=True``: a run stopped part-way (say at a lent GPU's time limit) keeps the rows it finished, and says
+    that it was cut short, and no reader ever sees half a file."""
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
 
 
 def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:

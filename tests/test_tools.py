@@ -76,39 +76,90 @@ def test_deploy_tool_then_test_tool_give_identical_metrics(demo_data, tmp_path):
     assert any('large_kernel.merged.weight' in k for k in sd) and not any('.tall.' in k for k in sd)
 
 
-def test_gpu_kernel_check_script_self_test(tmp_path):
-    """tools/check_triton_gpu.py (run first by tools/gpu_checks.sh on a lent GPU) in its CPU self-test mode:
-    it runs the Triton kernels (interpreter) at tiny stage shapes and reports errors under the stated tolerance."""
+@pytest.fixture(scope='module')
+def gpu_checks_smoke(tmp_path_factory):
+    """tools/gpu_checks.sh, the one command a lent GPU machine runs, in its CPU smoke mode (GPU_CHECKS_SMOKE=1: every
+    step at tiny sizes, the Triton kernels under the interpreter)."""
+    out = tmp_path_factory.mktemp('gpu')
+    proc = subprocess.run(['bash', 'tools/gpu_checks.sh'], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                          env=dict(os.environ, OUT=str(out), PY=sys.executable, GPU_CHECKS_SMOKE='1'))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    return out
+
+
+def test_gpu_checks_results_fit_what_a_lent_machine_sends_back(gpu_checks_smoke):
+    """A device call returns at most 8 files, named in letters, digits, '.', '_' and '-': the script writes one log and
+    six JSON files, each finished (complete) and holding its rows; the log records every step's exit status."""
     import json
-    out = tmp_path / 'check.json'
-    proc = subprocess.run([sys.executable, 'tools/check_triton_gpu.py', '--tiny', '--batch', '1', '--dtypes',
-                           'float32', 'bfloat16', '--json', str(out)], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, TRITON_INTERPRET='1'))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = json.load(open(out))['rows']
+    files = sorted(str(p.relative_to(gpu_checks_smoke)) for p in gpu_checks_smoke.rglob('*') if p.is_file())
+    assert files == ['backbone_amp.json', 'backbone_fp32.json', 'dwconv_all.json', 'dwconv_bf16.json',
+                     'gpu_checks.log', 'triton_check.json', 'triton_tiles.json']
+    assert len(files) <= 8 and all(re.fullmatch(r'[A-Za-z0-9._-]+', f) for f in files)
+    res = {f: json.load(open(gpu_checks_smoke / f)) for f in files if f.endswith('.json')}
+    assert all(r['complete'] for r in res.values())
+    assert {(r['phase'], r['stage']) for r in res['dwconv_bf16.json']['rows']} == {
+        (p, s) for p in ('forward', 'eval_sum') for s in range(4)}
+    for name in ('backbone_amp.json', 'backbone_fp32.json'):
+        assert [r['model'] for r in res[name]['results']] == ['slak_t', 'convnext_tiny']
+        assert all(r['train_ms'] > 0 for r in res[name]['results'])
+    assert res['backbone_amp.json']['amp'] and not res['backbone_fp32.json']['amp']
+    log = (gpu_checks_smoke / 'gpu_checks.log').read_text()
+    assert len(re.findall(r'^== .*: exit 0 after \d+s$', log, re.M)) == 6
+    assert 'every step finished' in log and 'triton 3.' in log
+
+
+def test_gpu_kernel_check_script_self_test(gpu_checks_smoke):
+    """tools/check_triton_gpu.py (gpu_checks.sh's first step) in its CPU self-test mode: it runs the Triton kernels
+    (interpreter) at tiny stage shapes and reports errors under the stated tolerance."""
+    import json
+    rows = json.load(open(gpu_checks_smoke / 'triton_check.json'))['rows']
     assert len(rows) == 2 * 2 * 2 and all(r['ok'] for r in rows)
+    assert {r['dtype'] for r in rows} == {'float32', 'bfloat16'}
     assert all(0 < r['weight_grad'] <= 1e-4 for r in rows if r['dtype'] == 'float32')
 
 
-def test_triton_tile_sweep_checks_every_configuration(tmp_path):
-    """tools/sweep_triton_tiles.py (run last by tools/gpu_checks.sh) checks each tile size and warp count it would
-    time against F.conv2d first; its CPU self-test (interpreter, no timing) does that on a shape where the tile sizes
-    give different program shapes, forward and weight gradient."""
+def test_triton_tile_sweep_checks_every_configuration(gpu_checks_smoke):
+    """tools/sweep_triton_tiles.py (a gpu_checks.sh step) checks each tile size and warp count it would time against
+    F.conv2d first; its CPU self-test (interpreter, no timing) does that on a shape where the tile sizes give different
+    program shapes, forward and weight gradient."""
     import json
     from slak_mm.ops.triton_dwconv import _blocks
     import sweep_triton_tiles as sweep
     assert len({_blocks(40, 33, e) for e, _ in sweep.FORWARD}) == len({e for e, _ in sweep.FORWARD}) > 1
     assert len({_blocks(40, 33, e) for e, _ in sweep.WGRAD}) == len({e for e, _ in sweep.WGRAD}) > 1
-    out = tmp_path / 'tiles.json'
-    proc = subprocess.run([sys.executable, 'tools/sweep_triton_tiles.py', '--tiny', '--sizes', '224', '--stages', '1',
-                           '--json', str(out)], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, TRITON_INTERPRET='1'))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.load(open(out))
+    result = json.load(open(gpu_checks_smoke / 'triton_tiles.json'))
     assert not result['wrong']
     got = {(r['kernel'], r['elems'], r['warps']) for r in result['rows']}
     assert got == {('forward', e, w) for e, w in sweep.FORWARD} | {('wgrad', e, w) for e, w in sweep.WGRAD}
     assert all(0 < r['rel_err'] <= 1.6e-2 and r['shape'] == [1, 40, 5, 33] for r in result['rows'])
+
+
+def test_gpu_checks_budget_and_missing_gpu(tmp_path):
+    """Without a GPU (and no smoke mode) the script stops at once, saying what to run instead; with its time budget
+    spent, a step is not started, and no benchmark runs after a kernel check that did not pass."""
+    env = dict(os.environ, OUT=str(tmp_path / 'a'), PY=sys.executable, CUDA_VISIBLE_DEVICES='')
+    proc = subprocess.run(['bash', 'tools/gpu_checks.sh'], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 1 and 'no CUDA device' in proc.stdout and 'GPU_CHECKS_SMOKE=1' in proc.stdout
+    env.update(OUT=str(tmp_path / 'b'), GPU_CHECKS_SMOKE='1', GPU_CHECKS_BUDGET='0')
+    proc = subprocess.run(['bash', 'tools/gpu_checks.sh'], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 1
+    assert '== kernel check: not run, the 0s budget is spent' in proc.stdout
+    assert 'no benchmarks' in proc.stdout and '== unit' not in proc.stdout
+    assert sorted(p.name for p in (tmp_path / 'b').iterdir()) == ['gpu_checks.log']
+
+
+def test_benchmark_writes_its_json_after_every_row(monkeypatch, tmp_path):
+    """A benchmark stopped part-way (a lent GPU's time limit) keeps the rows it finished: benchmark_dwconv.py
+    rewrites its JSON after each row, marked incomplete, and marks it complete only at the end."""
+    import benchmark_dwconv
+    writes = []
+    monkeypatch.setattr(benchmark_dwconv, 'write_json',
+                        lambda path, payload: writes.append((path, len(payload['rows']), payload['complete'])))
+    out = str(tmp_path / 'd.json')
+    monkeypatch.setattr(sys, 'argv', ['benchmark_dwconv.py', '--sizes', '32', '--batch', '1', '--phases', 'forward',
+                                      '--repeats', '1', '--json', out])
+    benchmark_dwconv.main()
+    assert writes == [(out, n, False) for n in range(1, 5)] + [(out, 4, True)]
 
 
 def test_interleaved_timing_shuffles_the_order_and_pairs_the_ratios():

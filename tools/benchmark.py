@@ -18,8 +18,6 @@ times every model back to back), with their 25th–75th percentiles in brackets.
 """
 import argparse
 import contextlib
-import json
-import os
 import os.path as osp
 import sys
 import types
@@ -29,7 +27,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 
 from slak_mm.benchmark_utils import (device_name, gpu_batch, medians, paired_ratio, parse_size,  # noqa: E402
-                                     size_label, time_interleaved, time_interleaved_samples)
+                                     size_label, time_interleaved, time_interleaved_samples, write_json)
 from slak_mm.models import SLaK  # noqa: E402
 from slak_mm.models.layers import LargeKernelConv  # noqa: E402
 from slak_mm.ops.cpu_fusion import FUSIONS, cpu_fusions_disabled  # noqa: E402
@@ -162,6 +160,8 @@ def main() -> None:
     models = {n: build(n, device) for n in args.models}
     base = args.models[-1]
     results = []
+    payload = dict(device=dev, torch=torch.__version__, amp=args.amp, base=base, results=results,
+                   command=' '.join(sys.argv))
     for h, w in sizes:
         size = size_label((h, w))
         batch = args.batch or (1 if device.type == 'cpu' else gpu_batch(h, w))
@@ -222,9 +222,8 @@ def main() -> None:
                                 train_ms=tr * 1e3 if tr else None, ratio_vs_base=ratio, ratio_quartiles=[q1, q3],
                                 train_ratio_vs_base=tr / t_train[base] if tr and base in t_train else None,
                                 peak_train_gib=train_mem.get(n)))
-    os.makedirs(osp.dirname(args.json) or '.', exist_ok=True)
-    json.dump(dict(device=dev, torch=torch.__version__, amp=args.amp, base=base, results=results,
-                   command=' '.join(sys.argv)), open(args.json, 'w'), indent=1)
+        write_json(args.json, dict(payload, complete=False))
+    write_json(args.json, dict(payload, complete=True))
     print(f'\nwrote {args.json}')
 
 

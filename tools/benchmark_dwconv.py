@@ -32,7 +32,6 @@ a network, where the unit follows the MLP's GEMMs); ``--calls N`` times N back-t
 (warm caches, as the 13 ms GEMM is for most of its run), which shows how much of a small unit's time is cold-start.
 """
 import argparse
-import json
 import os.path as osp
 import sys
 
@@ -42,7 +41,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from slak_mm.benchmark_utils import (SLAK_T_STAGES, device_name, gemm_gflops, gpu_batch, medians,  # noqa: E402
-                                     paired_ratio, parse_size, size_label, time_interleaved_samples)
+                                     paired_ratio, parse_size, size_label, time_interleaved_samples,
+                                     write_json)
 from slak_mm.models.layers import pad_kernel  # noqa: E402
 from slak_mm.ops import dwconv2d_branches, dwconv2d_sum  # noqa: E402
 from slak_mm.ops.cpu_fusion import cpu_fusions_disabled  # noqa: E402
@@ -150,6 +150,8 @@ def main() -> None:
     ga, gb = torch.randn(GEMM_N, GEMM_N, device=device), torch.randn(GEMM_N, GEMM_N, device=device)
     print(f'device: {dev}; fp32 GEMM (2048^3) at the start of this run: {gemm:.1f} GF/s')
     rows = []
+    result = dict(device=dev, torch=torch.__version__, gemm_gflops_fp32=gemm, rows=rows, calls_per_sample=args.calls,
+                  command=' '.join(sys.argv))
     print('| input | stage | B×C×H×W | dtype | phase | unit ours (ms) | nchw (ms) | cl (ms) | nchw/ours | cl/ours '
           '| onednn/ours | ours GF/s | % GEMM (dense) | % GEMM (in-map) | in-map bound |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
@@ -203,10 +205,8 @@ def main() -> None:
                           f'{total["nchw"] * 1e3:.2f} | {total["cl"] * 1e3:.2f} | '
                           f'{vs_ours["nchw"]:.2f} | {vs_ours["cl"]:.2f} | {onednn} | {gfs:.1f} | '
                           f'{frac} |', flush=True)
-    import os
-    os.makedirs(osp.dirname(args.json) or '.', exist_ok=True)
-    json.dump(dict(device=dev, torch=torch.__version__, gemm_gflops_fp32=gemm, rows=rows,
-                   calls_per_sample=args.calls, command=' '.join(sys.argv)), open(args.json, 'w'), indent=1)
+                    write_json(args.json, dict(result, complete=False))
+    write_json(args.json, dict(result, complete=True))
     print(f'wrote {args.json}')
 
 

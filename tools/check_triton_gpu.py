@@ -10,8 +10,6 @@ by tests/test_triton_ops.py (fp32 1e-4, fp16 2e-3, bf16 1.6e-2, relative to the 
 Runs on CPU too (TRITON_INTERPRET=1, --tiny) so the script itself is tested without a GPU.
 """
 import argparse
-import json
-import os
 import os.path as osp
 import sys
 
@@ -20,7 +18,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from slak_mm.benchmark_utils import SLAK_T_STAGES, device_name  # noqa: E402
+from slak_mm.benchmark_utils import SLAK_T_STAGES, device_name, write_json  # noqa: E402
 from slak_mm.ops import dwconv2d_branches, dwconv2d_sum  # noqa: E402
 
 TOL = {'float32': 1e-4, 'float16': 2e-3, 'bfloat16': 1.6e-2}
@@ -83,9 +81,8 @@ def main() -> int:
                     print(f'{size} stage {si} {args.batch}x{c}x{h}x{w} {dt:9s} {layout:13s} ' +
                           ' '.join(f'{k}={v:.1e}' for k, v in errs.items()) + ('  ok' if ok else '  FAIL'),
                           flush=True)
-    os.makedirs(osp.dirname(args.json) or '.', exist_ok=True)
-    json.dump(dict(device=device_name(device), torch=torch.__version__, rows=rows, failed=failed),
-              open(args.json, 'w'), indent=1)
+    write_json(args.json, dict(device=device_name(device), torch=torch.__version__, rows=rows, failed=failed,
+                               complete=True))
     print(f'{failed} of {len(rows)} cases above tolerance; wrote {args.json}')
     return 1 if failed else 0
 

@@ -13,8 +13,6 @@ On CPU (TRITON_INTERPRET=1, --tiny) it checks every configuration on a small sha
 script and the configurations are tested without a GPU.
 """
 import argparse
-import json
-import os
 import os.path as osp
 import sys
 
@@ -24,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from slak_mm.benchmark_utils import (SLAK_T_STAGES, device_name, gpu_batch, medians,  # noqa: E402
-                                     time_interleaved_samples)
+                                     time_interleaved_samples, write_json)
 from slak_mm.ops import dwconv2d_branches  # noqa: E402
 from check_triton_gpu import TOL, rel_err  # noqa: E402  (the kernel check's tolerances and error measure)
 
@@ -101,10 +99,8 @@ def main() -> int:
         timing = f"{r['ms']:.3f} | {r['speedup_vs_default']:.2f}" if r['ms'] is not None else '– | –'
         print(f"| {r['size']} | {r['stage']} | {'×'.join(map(str, r['shape']))} | {r['kernel']} | "
               f"{r['elems']} × {r['warps']}{mark} | {timing} | {r['rel_err']:.1e} |")
-    os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)
-    with open(args.json, 'w') as f:
-        json.dump(dict(device=device_name(device), dtype=args.dtype, defaults=default, rows=rows, wrong=wrong), f,
-                  indent=1)
+    write_json(args.json, dict(device=device_name(device), dtype=args.dtype, defaults=default, rows=rows,
+                               wrong=wrong, complete=True))
     for line in wrong:
         print('WRONG:', line)
     return 1 if wrong else 0
