@@ -61,6 +61,7 @@ def main() -> int:
     sizes = [24] if args.tiny else args.sizes
     print(f'device: {device_name(device)}; torch {torch.__version__}')
     rows, failed = [], 0
+    result = dict(device=device_name(device), torch=torch.__version__, rows=rows)
     torch.manual_seed(0)
     for size in sizes:
         for si, (c, m, stride) in enumerate(stages):
@@ -81,8 +82,8 @@ def main() -> int:
                     print(f'{size} stage {si} {args.batch}x{c}x{h}x{w} {dt:9s} {layout:13s} ' +
                           ' '.join(f'{k}={v:.1e}' for k, v in errs.items()) + ('  ok' if ok else '  FAIL'),
                           flush=True)
-    write_json(args.json, dict(device=device_name(device), torch=torch.__version__, rows=rows, failed=failed,
-                               complete=True))
+                    write_json(args.json, dict(result, failed=failed, complete=False))
+    write_json(args.json, dict(result, failed=failed, complete=True))
     print(f'{failed} of {len(rows)} cases above tolerance; wrote {args.json}')
     return 1 if failed else 0
 
