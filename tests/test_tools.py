@@ -79,10 +79,20 @@ def test_deploy_tool_then_test_tool_give_identical_metrics(demo_data, tmp_path):
 @pytest.fixture(scope='module')
 def gpu_checks_smoke(tmp_path_factory):
     """tools/gpu_checks.sh, the one command a lent GPU machine runs, in its CPU smoke mode (GPU_CHECKS_SMOKE=1: every
-    step at tiny sizes, the Triton kernels under the interpreter)."""
+    step at tiny sizes, the Triton kernels under the interpreter), with the mm packages made unimportable, as on the
+    GPU machine (torch, Triton and timm only)."""
     out = tmp_path_factory.mktemp('gpu')
+    no_mm = tmp_path_factory.mktemp('no_mm')
+    (no_mm / 'sitecustomize.py').write_text(
+        'import sys\n'
+        'class NoMM:\n'
+        '    def find_spec(self, name, path=None, target=None):\n'
+        "        if name.split('.')[0] in ('mmengine', 'mmcv', 'mmseg', 'mmdet'):\n"
+        "            raise ImportError(f'{name}: not on the GPU machine')\n"
+        'sys.meta_path.insert(0, NoMM())\n')
     proc = subprocess.run(['bash', 'tools/gpu_checks.sh'], capture_output=True, text=True, cwd=ROOT, timeout=900,
-                          env=dict(os.environ, OUT=str(out), PY=sys.executable, GPU_CHECKS_SMOKE='1'))
+                          env=dict(os.environ, OUT=str(out), PY=sys.executable, GPU_CHECKS_SMOKE='1',
+                                   PYTHONPATH=str(no_mm)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     return out
 

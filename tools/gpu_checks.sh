@@ -17,7 +17,7 @@ SMOKE=${GPU_CHECKS_SMOKE:-0}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_checks.log"
 : > "$LOG"
-PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
+PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 START=$SECONDS
 
 # step NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, what is left of the budget), appending its output to the log
