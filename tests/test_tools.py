@@ -108,7 +108,7 @@ def test_gpu_checks_results_fit_what_a_lent_machine_sends_back(gpu_checks_smoke)
     res = {f: json.load(open(gpu_checks_smoke / f)) for f in files if f.endswith('.json')}
     assert all(r['complete'] for r in res.values())
     assert {(r['phase'], r['stage']) for r in res['dwconv_bf16.json']['rows']} == {
-        (p, s) for p in ('forward', 'eval_sum') for s in range(4)}
+        (p, s) for p in ('fwd_bwd', 'eval_sum') for s in range(4)}
     for name in ('backbone_amp.json', 'backbone_fp32.json'):
         assert [r['model'] for r in res[name]['results']] == ['slak_t', 'convnext_tiny']
         assert all(r['train_ms'] > 0 for r in res[name]['results'])
@@ -116,6 +116,43 @@ def test_gpu_checks_results_fit_what_a_lent_machine_sends_back(gpu_checks_smoke)
     log = (gpu_checks_smoke / 'gpu_checks.log').read_text()
     assert len(re.findall(r'^== .*: exit 0 after \d+s$', log, re.M)) == 6
     assert 'every step finished' in log and 'triton 3.' in log
+    # the log ends with gpu_report.py's summary of the targets, from these files (smoke: bf16 on CPU, tiny maps)
+    assert 'Kernel check: 8 cases, 0 above tolerance' in log
+    assert len(re.findall(r'^\| fused unit .* \| 64 stage [12], .* \*\*(not )?met\*\* \|$', log, re.M)) == 2
+    assert len(re.findall(r'^\| SLaK-T training step .* \| 64, batch 1, .* \*\*(not )?met\*\* \|$', log, re.M)) == 2
+
+
+def test_gpu_report_judges_the_targets_from_the_files_alone(tmp_path):
+    """tools/gpu_report.py: the unit target is the speed-up over the faster of the two nn.Conv2d layouts, bf16
+    forward + backward at stages 1-2 only; the training target is SLaK-T's step over ConvNeXt-T's; a file cut short
+    or missing is reported as such, and a target with no rows as not measured."""
+    import json
+    from gpu_report import report
+
+    def unit(stage, dtype, phase, ours, nchw, cl):
+        return dict(input='224', stage=stage, shape=[32, 249, 28, 28], dtype=dtype, phase=phase,
+                    ms=dict(ours=ours, nchw=nchw, cl=cl))
+    rows = [unit(1, 'bfloat16', 'fwd_bwd', 2.0, 10.0, 5.8),   # 2.9x the faster (cl): not met
+            unit(2, 'bfloat16', 'fwd_bwd', 1.0, 3.2, 4.0),    # 3.2x (nchw): met
+            unit(0, 'bfloat16', 'fwd_bwd', 1.0, 1.0, 1.0),    # stage 0: no target
+            unit(1, 'float32', 'fwd_bwd', 1.0, 1.0, 1.0),     # fp32: no target
+            unit(1, 'bfloat16', 'forward', 1.0, 1.0, 1.0)]    # forward alone: no target
+    json.dump(dict(device='GPU X', rows=rows, complete=True), open(tmp_path / 'dwconv_bf16.json', 'w'))
+    json.dump(dict(device='GPU X', results=[
+        dict(model='slak_t', size='224', batch=32, train_ms=170.0, train_ratio_vs_base=1.70, peak_train_gib=9.5),
+        dict(model='convnext_tiny', size='224', batch=32, train_ms=100.0, train_ratio_vs_base=1.0)],
+        complete=False), open(tmp_path / 'backbone_amp.json', 'w'))
+    text = report(str(tmp_path))
+    assert text.startswith('# GPU checks on GPU X')
+    assert 'dwconv_bf16.json: complete' in text and 'backbone_amp.json: cut short' in text
+    assert 'dwconv_all.json: missing' in text
+    lines = [line for line in text.splitlines() if line.startswith('| fused unit')]
+    assert len(lines) == 2
+    assert '224 stage 1' in lines[0] and '2.90× the faster nn.Conv2d (cl)' in lines[0] and '**not met**' in lines[0]
+    assert '224 stage 2' in lines[1] and '3.20× the faster nn.Conv2d (nchw)' in lines[1] and '**met**' in lines[1]
+    train = [line for line in text.splitlines() if line.startswith('| SLaK-T training step')]
+    assert '1.70× ConvNeXt-T' in train[0] and 'peak 9.50 GiB' in train[0] and '**not met**' in train[0]
+    assert 'fp32 | no slak_t training rows | not measured' in train[1]
 
 
 def test_gpu_kernel_check_script_self_test(gpu_checks_smoke):

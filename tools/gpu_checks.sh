@@ -8,7 +8,8 @@
 # the fp32 backbone; the unit again at 800x1344, 224 and 512 in every dtype. A lent machine gives one command at most
 # 10 minutes and sends back at most 8 files, so: each step has a time limit, all of them within GPU_CHECKS_BUDGET
 # seconds (default 480); each benchmark rewrites its JSON after every row, so a step stopped at its limit keeps what it
-# measured (its JSON then says "complete": false); and the results are 6 JSON files plus one log of everything.
+# measured (its JSON then says "complete": false); and the results are 6 JSON files plus one log of everything,
+# which ends with tools/gpu_report.py's summary: the issue's GPU targets, met or not.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-work_dirs/gpu}
@@ -41,7 +42,7 @@ step() {
 if [ "$SMOKE" = 1 ]; then
     export TRITON_INTERPRET=1
     CHECK=(--tiny --batch 1 --dtypes float32 bfloat16)
-    UNIT=(--sizes 64 --batch 1 --dtypes float32 --phases forward eval_sum --repeats 1)
+    UNIT=(--sizes 64 --batch 1 --dtypes bfloat16 --phases fwd_bwd eval_sum --repeats 1)
     UNIT_ALL=(--sizes 64 --batch 1 --dtypes float32 --phases forward --repeats 1)
     BACKBONE=(slak_t convnext_tiny --sizes 64 --batch 1 --train --repeats 1)
     SWEEP=(--tiny --sizes 224 --stages 1)
@@ -81,6 +82,7 @@ step "backbone, bf16 autocast" 90 $PY tools/benchmark.py "${BACKBONE[@]}" --amp 
 step "tile sweep" 90 $PY tools/sweep_triton_tiles.py "${SWEEP[@]}" --json "$OUT/triton_tiles.json" || failed=1
 step "backbone, fp32" 60 $PY tools/benchmark.py "${BACKBONE[@]}" --json "$OUT/backbone_fp32.json" || failed=1
 step "unit, all dtypes" 600 $PY tools/benchmark_dwconv.py "${UNIT_ALL[@]}" --json "$OUT/dwconv_all.json" || failed=1
+$PY tools/gpu_report.py "$OUT" 2>&1 | tee -a "$LOG"  # the targets, met or not (from the JSON files above)
 echo "gpu_checks.sh: $((SECONDS - START))s in all; $([ $failed = 0 ] && echo 'every step finished' ||
     echo 'some step failed or hit its limit (see the == lines)')" | tee -a "$LOG"
 exit $failed
