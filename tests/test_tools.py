@@ -118,7 +118,8 @@ def test_gpu_checks_results_fit_what_a_lent_machine_sends_back(gpu_checks_smoke)
     assert 'every step finished' in log and 'triton 3.' in log
     # the log ends with gpu_report.py's summary of the targets, from these files (smoke: bf16 on CPU, tiny maps)
     assert 'Kernel check: 8 cases, 0 above tolerance' in log
-    assert len(re.findall(r'^\| fused unit .* \| 64 stage [12], .* \*\*(not )?met\*\* \|$', log, re.M)) == 2
+    assert len(re.findall(r'^\| fused unit .* \| 64 stage [12], .* ours \(torch\) .* \*\*(not )?met\*\* \|$', log,
+                          re.M)) == 2  # on CPU, 'auto' runs PyTorch's convolutions, and the report says so
     assert len(re.findall(r'^\| SLaK-T training step .* \| 64, batch 1, .* \*\*(not )?met\*\* \|$', log, re.M)) == 2
 
 
@@ -131,7 +132,7 @@ def test_gpu_report_judges_the_targets_from_the_files_alone(tmp_path):
 
     def unit(stage, dtype, phase, ours, nchw, cl):
         return dict(input='224', stage=stage, shape=[32, 249, 28, 28], dtype=dtype, phase=phase,
-                    ms=dict(ours=ours, nchw=nchw, cl=cl))
+                    ours_impl='triton', ms=dict(ours=ours, nchw=nchw, cl=cl))
     rows = [unit(1, 'bfloat16', 'fwd_bwd', 2.0, 10.0, 5.8),   # 2.9x the faster (cl): not met
             unit(2, 'bfloat16', 'fwd_bwd', 1.0, 3.2, 4.0),    # 3.2x (nchw): met
             unit(0, 'bfloat16', 'fwd_bwd', 1.0, 1.0, 1.0),    # stage 0: no target
@@ -150,6 +151,7 @@ def test_gpu_report_judges_the_targets_from_the_files_alone(tmp_path):
     assert len(lines) == 2
     assert '224 stage 1' in lines[0] and '2.90× the faster nn.Conv2d (cl)' in lines[0] and '**not met**' in lines[0]
     assert '224 stage 2' in lines[1] and '3.20× the faster nn.Conv2d (nchw)' in lines[1] and '**met**' in lines[1]
+    assert all('ours (triton) ' in line for line in lines)
     train = [line for line in text.splitlines() if line.startswith('| SLaK-T training step')]
     assert '1.70× ConvNeXt-T' in train[0] and 'peak 9.50 GiB' in train[0] and '**not met**' in train[0]
     assert 'fp32 | no slak_t training rows | not measured' in train[1]

@@ -46,6 +46,7 @@ from slak_mm.benchmark_utils import (SLAK_T_STAGES, device_name, gemm_gflops, gp
 from slak_mm.models.layers import pad_kernel  # noqa: E402
 from slak_mm.ops import dwconv2d_branches, dwconv2d_sum  # noqa: E402
 from slak_mm.ops.cpu_fusion import cpu_fusions_disabled  # noqa: E402
+from slak_mm.ops.dwconv import resolve_impl  # noqa: E402
 
 SHORT = 5
 GEMM_N = 1024  # the fp32 GEMM timed next to the unit in every repeat (% GEMM column)
@@ -193,6 +194,7 @@ def main() -> None:
                         t_arith = work_in_map / GEMM_N ** 3 * total['gemm']
                         bound = t_arith / (t_arith + total['pass'])
                     row = dict(input=size, stage=si, shape=[batch, c, h, w], dtype=dt, phase=phase,
+                               ours_impl=resolve_impl('auto', x),  # on CUDA: 'triton' unless Triton is missing
                                ms={k: v * 1e3 for k, v in total.items()}, speedup_vs=vs_ours, gflops_ours=gfs,
                                frac_gemm=frac_gemm, frac_gemm_in_map=frac_in_map, macs=work,
                                macs_in_map=work_in_map, frac_gemm_in_map_bound=bound)

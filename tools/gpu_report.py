@@ -78,7 +78,7 @@ def report(folder: str) -> str:
     for r in units:
         where = f"{r['input']} stage {r['stage']}, {'×'.join(map(str, r['shape']))} (run {r['run']})"
         measured = (f"{r['speedup_best']:.2f}× the faster nn.Conv2d ({r['best_baseline']}); ours "
-                    f"{r['ms']['ours']:.3f} ms, NCHW {r['ms']['nchw']:.3f} ms, channels_last {r['ms']['cl']:.3f} ms")
+                    f"({r.get('ours_impl', '?')}) {r['ms']['ours']:.3f} ms, NCHW {r['ms']['nchw']:.3f} ms, channels_last {r['ms']['cl']:.3f} ms")
         out.append(f'| fused unit fwd+bwd ≥ {UNIT_TARGET:.0f}× best nn.Conv2d, bf16 | {where} | {measured} | '
                    f"{verdict(r['speedup_best'] >= UNIT_TARGET)} |")
     if not units:
