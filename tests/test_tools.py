@@ -120,7 +120,8 @@ def test_gpu_checks_results_fit_what_a_lent_machine_sends_back(gpu_checks_smoke)
     assert 'Kernel check: 8 cases, 0 above tolerance' in log
     assert len(re.findall(r'^\| fused unit .* \| 64 stage [12], .* ours \(torch\) .* \*\*(not )?met\*\* \|$', log,
                           re.M)) == 2  # on CPU, 'auto' runs PyTorch's convolutions, and the report says so
-    assert len(re.findall(r'^\| SLaK-T training step .* \| 64, batch 1, .* \*\*(not )?met\*\* \|$', log, re.M)) == 2
+    train_row = r'^\| SLaK-T training step .* \| 64, batch 1, .*, depthwise: torch \| .* \*\*(not )?met\*\* \|$'
+    assert len(re.findall(train_row, log, re.M)) == 2
 
 
 def test_gpu_report_judges_the_targets_from_the_files_alone(tmp_path):
@@ -142,7 +143,7 @@ def test_gpu_report_judges_the_targets_from_the_files_alone(tmp_path):
     json.dump(dict(device='GPU X', results=[
         dict(model='slak_t', size='224', batch=32, train_ms=170.0, train_ratio_vs_base=1.70, peak_train_gib=9.5),
         dict(model='convnext_tiny', size='224', batch=32, train_ms=100.0, train_ratio_vs_base=1.0)],
-        complete=False), open(tmp_path / 'backbone_amp.json', 'w'))
+        complete=False, dwconv_auto='triton'), open(tmp_path / 'backbone_amp.json', 'w'))
     text = report(str(tmp_path))
     assert text.startswith('# GPU checks on GPU X')
     assert 'dwconv_bf16.json: complete' in text and 'backbone_amp.json: cut short' in text
@@ -154,6 +155,7 @@ def test_gpu_report_judges_the_targets_from_the_files_alone(tmp_path):
     assert all('ours (triton) ' in line for line in lines)
     train = [line for line in text.splitlines() if line.startswith('| SLaK-T training step')]
     assert '1.70× ConvNeXt-T' in train[0] and 'peak 9.50 GiB' in train[0] and '**not met**' in train[0]
+    assert 'bf16 autocast, depthwise: triton |' in train[0]
     assert 'fp32 | no slak_t training rows | not measured' in train[1]
 
 

@@ -31,6 +31,7 @@ from slak_mm.benchmark_utils import (device_name, gpu_batch, medians, paired_rat
 from slak_mm.models import SLaK  # noqa: E402
 from slak_mm.models.layers import LargeKernelConv  # noqa: E402
 from slak_mm.ops.cpu_fusion import FUSIONS, cpu_fusions_disabled  # noqa: E402
+from slak_mm.ops.dwconv import resolve_impl  # noqa: E402
 from slak_mm.ops.fused_mlp import can_fuse_mlp, fused_mlp_residual  # noqa: E402
 
 ARCHS = {'slak_t': 'tiny', 'slak_s': 'small', 'slak_b': 'base'}
@@ -160,7 +161,9 @@ def main() -> None:
     models = {n: build(n, device) for n in args.models}
     base = args.models[-1]
     results = []
+    # what conv_impl='auto' (slak_t) runs here: Triton on CUDA tensors when it is installed
     payload = dict(device=dev, torch=torch.__version__, amp=args.amp, base=base, results=results,
+                   dwconv_auto=resolve_impl('auto', torch.empty(1, device=device)),
                    command=' '.join(sys.argv))
     for h, w in sizes:
         size = size_label((h, w))

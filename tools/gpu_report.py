@@ -78,7 +78,8 @@ def report(folder: str) -> str:
     for r in units:
         where = f"{r['input']} stage {r['stage']}, {'×'.join(map(str, r['shape']))} (run {r['run']})"
         measured = (f"{r['speedup_best']:.2f}× the faster nn.Conv2d ({r['best_baseline']}); ours "
-                    f"({r.get('ours_impl', '?')}) {r['ms']['ours']:.3f} ms, NCHW {r['ms']['nchw']:.3f} ms, channels_last {r['ms']['cl']:.3f} ms")
+                    f"({r.get('ours_impl', '?')}) {r['ms']['ours']:.3f} ms, NCHW {r['ms']['nchw']:.3f} ms, "
+                    f"channels_last {r['ms']['cl']:.3f} ms")
         out.append(f'| fused unit fwd+bwd ≥ {UNIT_TARGET:.0f}× best nn.Conv2d, bf16 | {where} | {measured} | '
                    f"{verdict(r['speedup_best'] >= UNIT_TARGET)} |")
     if not units:
@@ -87,7 +88,7 @@ def report(folder: str) -> str:
     for name, label in (('backbone_amp.json', 'bf16 autocast'), ('backbone_fp32.json', 'fp32')):
         trains = train_rows(res[name])
         for r in trains:
-            where = f"{r['size']}, batch {r['batch']}, {label}"
+            where = f"{r['size']}, batch {r['batch']}, {label}, depthwise: {res[name].get('dwconv_auto', '?')}"
             measured = (f"{r['train_ratio_vs_base']:.2f}× ConvNeXt-T's step ({r['train_ms']:.1f} ms"
                         + (f", peak {r['peak_train_gib']:.2f} GiB" if r.get('peak_train_gib') else '') + ')')
             out.append(f'| SLaK-T training step ≤ {TRAIN_TARGET:.2f}× ConvNeXt-T | {where} | {measured} | '
