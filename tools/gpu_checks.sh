@@ -7,9 +7,10 @@
 # 512 (the issue's unit target); the training step with bf16 autocast (the backbone target); the Triton tile sweep;
 # the fp32 backbone; the unit again at 800x1344, 224 and 512 in every dtype. A lent machine gives one command at most
 # 10 minutes and sends back at most 8 files, so: each step has a time limit, all of them within GPU_CHECKS_BUDGET
-# seconds (default 480); each benchmark rewrites its JSON after every row, so a step stopped at its limit keeps what it
-# measured (its JSON then says "complete": false); and the results are 6 JSON files plus one log of everything,
-# which ends with tools/gpu_report.py's summary: the issue's GPU targets, met or not.
+# seconds (default 480; CHECK_LIMIT, default 150, caps the kernel check); each benchmark rewrites its JSON after
+# every row, so a step stopped at its limit keeps what it measured (its JSON then says "complete": false); and the
+# results are 6 JSON files plus one log of everything, which ends with tools/gpu_report.py's summary: the issue's
+# GPU targets, met or not.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-work_dirs/gpu}
@@ -33,7 +34,7 @@ step() {
     fi
     echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
     t0=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"  # (killed 10 s after the TERM if it has not stopped)
     rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - t0))s$([ "$rc" -eq 124 ] && echo ' (time limit)')" | tee -a "$LOG"
     return "$rc"
