@@ -56,14 +56,15 @@ def test_kernel_builds_here():
 
 @pytest.mark.parametrize('shape,kernels', [
     ((1, 124, 32, 32), [(51, 5), (5, 51)]),          # SLaK-T stage-0 width (not a multiple of 16), bands clipped
-    ((2, 16, 12, 20), [(9, 3), (3, 9), (5, 5)]),      # exact channel block, batch 2, three kernels
+    ((2, 16, 12, 20), [(9, 3), (3, 9), (5, 5)]),      # exact channel block, batch 2 (block-major), three kernels
     ((3, 17, 9, 13), [(7, 3), (3, 11)]),              # one full block + a 1-channel tail, non-square map
     ((1, 5, 3, 2), [(5, 3)]),                         # fewer channels than a block, map smaller than the kernel
     ((2, 33, 1, 1), [(1, 1), (3, 3)]),                # 1×1 map
     ((1, 40, 21, 7), [(13, 5), (5, 13)]),             # tall band on a narrow map (one partial tile per row)
     ((1, 20, 11, 45), [(21, 3), (3, 33), (1, 1)]),    # kernels of three widths, width not a multiple of 8
     ((1, 8, 30, 19), [(15, 15)]),                     # square kernel
-    ((2, 20, 32, 33), [(9, 3), (3, 15)]),             # >= 1024 px: jobs run image-major (smaller maps: block-major)
+    ((2, 20, 32, 33), [(9, 3), (3, 15)]),             # batch pixels >= 2048: jobs run image-major
+    ((24, 20, 9, 10), [(7, 3), (3, 9)]),              # the same on a small map (next job's input prefetched)
     ((2, 998, 7, 7), [(13, 5), (5, 13)])])            # SLaK-T stage 3 at 224
 @pytest.mark.parametrize('with_bias', [True, False])
 @pytest.mark.parametrize('channels_last', [True, False])

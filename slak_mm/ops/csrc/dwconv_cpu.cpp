@@ -63,8 +63,10 @@ typedef int vi __attribute__((vector_size(L * 4), aligned(L * 4)));
 typedef float vfu __attribute__((vector_size(L * 4), aligned(4)));  // unaligned access to x and out
 // Calls of run() so far (names each call for the per-thread kernel re-layout cache; read by the tests).
 std::atomic<long> g_calls{0};
-// Maps of fewer pixels run their jobs block-major (see run).
-constexpr int kBlockMajorPixels = 1024;
+// Batches of fewer pixels (images x pixels per map) run their jobs block-major (see run).
+constexpr int64_t kBlockMajorPixels = 2048;
+// On maps of fewer pixels a job prefetches the next job's input.
+constexpr int kSmallMapPixels = 1024;
 
 struct Buffer {  // scratch, grown on demand, 64-byte aligned
   float* p = nullptr;
@@ -499,10 +501,14 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
   std::vector<int64_t> kernel_layout{g.T};
   kernel_layout.insert(kernel_layout.end(), khs.begin(), khs.end());
   kernel_layout.insert(kernel_layout.end(), kws.begin(), kws.end());
-  // Job order: on small maps block-major, so that a thread re-lays a block's kernels out once for all images
-  // (1.2-1.4x faster at 7-14 px, batch 8); on larger maps image-major, so that consecutive jobs read the adjacent
-  // channels of one image and share the cache lines that straddle their blocks (1.05-1.08x at 40-56 px, batch 4-8).
-  const bool block_major = H * W < kBlockMajorPixels;
+  // Job order: image-major, so that consecutive jobs read the adjacent channels of one image and share the cache
+  // lines that straddle their blocks (SLaK's channel counts are not multiples of 16), except for small batches of
+  // small maps, which run block-major, so that a thread re-lays a block's kernels out once for all images: there the
+  // re-layout weighs more, and the whole batch's lines of a block (B·H·W pixels, 1-2 lines each for x and out) are
+  // still cached when the adjacent block's jobs come. Measured on the Xeon VM (AVX-512; docs/benchmarks.md,
+  // "Session 17"): block-major 1.15x faster at 8 x 14 x 14 (1568 batch pixels) and 1.37x at 8 x 7 x 7; the two on par
+  // at 3136; image-major 1.05-1.08x at 56 x 56 and 1.09x at 8 x 28 x 28 (6272), 1.40x at 128 x 7 x 7.
+  const bool block_major = static_cast<int64_t>(B) * H * W < kBlockMajorPixels;
   const long call = ++g_calls;
   auto block_of = [&](int64_t job) { return static_cast<int>(block_major ? job / B : job % nb); };
   auto image_of = [&](int64_t job) { return static_cast<int>(block_major ? job % B : job / nb); };
@@ -560,7 +566,7 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
       // 2 and 3: output rows, accumulated in A[Wr] from the bias, then written
       vf* A = reinterpret_cast<vf*>(abuf.get(static_cast<size_t>(kRows) * L * Wr));
       // prefetched during this job on small maps (on large ones the next job's input would not stay in cache)
-      const float* next_x = block_major && job + 1 < end ? x + offset_of(job + 1) : nullptr;
+      const float* next_x = H * W < kSmallMapPixels && job + 1 < end ? x + offset_of(job + 1) : nullptr;
       switch (g.T) {
         case 4: block_rows<4>(g, P, K, bv, A, ob, nc, next_x, pk); break;
         case 5: block_rows<5>(g, P, K, bv, A, ob, nc, next_x, pk); break;
