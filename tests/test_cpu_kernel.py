@@ -220,6 +220,18 @@ def test_reused_kernel_buffers_are_rezeroed_when_the_layout_changes():
     _match_float64_on_one_thread(cases)
 
 
+def test_kept_kernels_of_a_batch_of_small_maps_are_not_reused_by_the_next_call():
+    # A batch of small maps (B·H·W >= 2048 pixels, H·W < 512) runs image-major, and each thread keeps every block's
+    # re-laid-out kernels for the rest of the call (one slot per block). Calls with the same shapes and new weights
+    # must lay them out again, also after a call that used one slot (batch 1) in between.
+    shape, kernels = (24, 40, 9, 10), [(7, 3), (3, 9)]
+    cases = [random_unit(shape, kernels, True, True, seed=1),
+             random_unit(shape, kernels, True, True, seed=2),
+             random_unit((1,) + shape[1:], kernels, True, True, seed=3),
+             random_unit(shape, kernels, False, True, seed=4)]
+    _match_float64_on_one_thread(cases)
+
+
 def test_kernel_runs_only_for_float32_inference(kernel_calls):
     x = torch.randn(1, 6, 10, 10)
     ws = [torch.randn(6, 1, 7, 3), torch.randn(6, 1, 3, 7)]

@@ -17,9 +17,9 @@
 //      in-map work;
 //   3. writes the rows once.
 // While computing, it prefetches its output rows and (small maps) the next job's input. The job re-lays its
-// block's kernels out as K[k][i][j][L], unless its thread's previous job had the same block; kernel rows at the same
-// offset from the centre are added into the widest one's, which runs them all (host_kernel: the cross-shaped unit's
-// centre runs once).
+// block's kernels out as K[k][i][j][L], unless its thread's previous job had the same block (or, for a batch of small
+// maps, its thread already did in this call); kernel rows at the same offset from the centre are added into the
+// widest one's, which runs them all (host_kernel: the cross-shaped unit's centre runs once).
 // The vectors are GCC/Clang vector extensions, so the same source compiles to AVX-512, AVX2 or SSE (the loader
 // passes the ISA flags). Products are F.conv2d's, except that taps folded into another kernel's row are summed with
 // its tap before the product; the order of the additions differs (float32 rounding).
@@ -67,6 +67,8 @@ std::atomic<long> g_calls{0};
 constexpr int64_t kBlockMajorPixels = 2048;
 // On maps of fewer pixels a job prefetches the next job's input.
 constexpr int kSmallMapPixels = 1024;
+// Image-major batches of maps of fewer pixels keep every block's re-laid-out kernels per thread (see run).
+constexpr int kKeptKernelsPixels = 512;
 
 struct Buffer {  // scratch, grown on demand, 64-byte aligned
   float* p = nullptr;
@@ -510,14 +512,25 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
   // at 3136; image-major 1.05-1.08x at 56 x 56 and 1.09x at 8 x 28 x 28 (6272), 1.40x at 128 x 7 x 7.
   const bool block_major = static_cast<int64_t>(B) * H * W < kBlockMajorPixels;
   const long call = ++g_calls;
+  // Kernels: a thread re-lays a block's kernels out when its previous job had another block, into one slot; but on
+  // small maps run image-major, where that is every job and the re-layout outweighs a job's arithmetic, it keeps
+  // every block's kernels, one slot each (1.08-1.42x faster at 14 x 14 and 7 x 7, batch 16-128; no faster at 28 x 28,
+  // where reading the kept kernels back costs as much as laying them out again).
+  const int kslots = !block_major && B > 1 && H * W < kKeptKernelsPixels ? nb : 1;
+  std::vector<int64_t> slots_layout(kernel_layout);
+  slots_layout.push_back(kslots);
   auto block_of = [&](int64_t job) { return static_cast<int>(block_major ? job / B : job % nb); };
   auto image_of = [&](int64_t job) { return static_cast<int>(block_major ? job % B : job / nb); };
   auto offset_of = [&](int64_t job) { return static_cast<size_t>(image_of(job)) * H * W * C + block_of(job) * L; };
 
   at::parallel_for(0, static_cast<int64_t>(B) * nb, 1, [&](int64_t begin, int64_t end) {
     thread_local Buffer pbuf, abuf, kbuf;
-    thread_local long k_call = 0;  // the call and block whose kernels kbuf holds
-    thread_local int k_cb = -1;
+    thread_local std::vector<long> slot_call;  // per slot of kbuf: the call and block whose kernels it holds
+    thread_local std::vector<int> slot_cb;
+    if (static_cast<int>(slot_call.size()) < kslots) {
+      slot_call.resize(kslots, 0);
+      slot_cb.resize(kslots, -1);
+    }
     for (int64_t job = begin; job < end; ++job) {
       const int cb = block_of(job), b = image_of(job), nc = std::min(L, C - cb * L);
       const float* xb = x + offset_of(job);
@@ -525,15 +538,16 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
       vi lanes;
       for (int l = 0; l < L; ++l) lanes[l] = l < nc ? -1 : 0;
 
-      float* K = kbuf.get(kblock * L);
+      const int slot = kslots > 1 ? cb : 0;
+      float* K = kbuf.get(kslots * kblock * L) + slot * kblock * L;
       // Tap by tap, one vector of the block's L channels (zero lanes past the last channel) assigned to its row's
       // tap, then the folded rows' vectors added into their host rows. The zero taps (T - 1 each side of every row)
       // are written once per buffer and layout. (Was: the whole buffer zeroed for every block, then each channel's
       // taps added into its lane, a pass over the buffer per channel: 1.2-1.4x slower per call at SLaK-T's 16 px
       // stage, where the re-layout is a fifth of the call.)
-      if (k_call != call || k_cb != cb) {
+      if (slot_call[slot] != call || slot_cb[slot] != cb) {
         thread_local ZeroedOnce kzero;
-        kzero.zero(K, kblock * L, kernel_layout);
+        kzero.zero(K - slot * kblock * L, kslots * kblock * L, slots_layout);
         for (int folded = 0; folded < 2; ++folded)
           for (int k = 0; k < g.nk; ++k) {
             const KernelView& kv = ws[k];
@@ -549,8 +563,8 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
               }
             }
           }
-        k_call = call;
-        k_cb = cb;
+        slot_call[slot] = call;
+        slot_cb[slot] = cb;
       }
 
       // 1. the packed map (zero padding left and right of the map; lanes past the last channel zero), packed by
