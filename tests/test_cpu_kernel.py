@@ -63,6 +63,7 @@ def test_kernel_builds_here():
     ((1, 40, 21, 7), [(13, 5), (5, 13)]),             # tall band on a narrow map (one partial tile per row)
     ((1, 20, 11, 45), [(21, 3), (3, 33), (1, 1)]),    # kernels of three widths, width not a multiple of 8
     ((1, 8, 30, 19), [(15, 15)]),                     # square kernel
+    ((1, 20, 18, 16), [(15, 7), (7, 3)]),             # short sides of 7 and 3 (rows run fully unrolled)
     ((2, 20, 32, 33), [(9, 3), (3, 15)]),             # batch pixels >= 2048: jobs run image-major
     ((24, 20, 9, 10), [(7, 3), (3, 9)]),              # the same on a small map (next job's input prefetched)
     ((2, 998, 7, 7), [(13, 5), (5, 13)])])            # SLaK-T stage 3 at 224
