@@ -284,21 +284,23 @@ int tile_width(int nk, const int* khs, const int* kws, const int* s0, const int*
 // rows step by pointer increments, and a band's short side (3, 5 or 7 taps: SLaK's N) runs fully unrolled: 1.06-1.08x
 // faster per call at SLaK-T's stage 0-2 shapes than one loop over the rows with the row's tests (docs/benchmarks.md,
 // "Session 17").
+template <int T>
+__attribute__((always_inline)) inline void column2(const float* p, const float* k0, const float* k1, int j, vf* x0,
+                                                   vf* x1) {
+  const vf w0 = *reinterpret_cast<const vf*>(k0 + j * L), w1 = *reinterpret_cast<const vf*>(k1 + j * L);
+#pragma GCC unroll 16
+  for (int r = 0; r < T; ++r) {
+    const vf v = *reinterpret_cast<const vf*>(p + (j + r) * L);
+    x0[r] += v * w0;
+    x1[r] += v * w1;
+  }
+}
 template <int T, int NJ>
 __attribute__((always_inline)) inline void rows_both_fixed(const float* p, const float* k0, size_t ps, size_t ks, int n,
                                                            vf* x0, vf* x1) {
   for (int t = 0; t < n; ++t, p += ps, k0 += ks) {
-    const float* k1 = k0 - ks;
 #pragma GCC unroll 8
-    for (int j = 0; j < NJ; ++j) {
-      const vf w0 = *reinterpret_cast<const vf*>(k0 + j * L), w1 = *reinterpret_cast<const vf*>(k1 + j * L);
-#pragma GCC unroll 16
-      for (int r = 0; r < T; ++r) {
-        const vf v = *reinterpret_cast<const vf*>(p + (j + r) * L);
-        x0[r] += v * w0;
-        x1[r] += v * w1;
-      }
-    }
+    for (int j = 0; j < NJ; ++j) column2<T>(p, k0, k0 - ks, j, x0, x1);
   }
 }
 template <int T>
@@ -311,18 +313,8 @@ __attribute__((always_inline)) inline void rows_both(const float* p, const float
     case 5: return rows_both_fixed<T, 5>(p, k0, ps, ks, n, x0, x1);
     case 7: return rows_both_fixed<T, 7>(p, k0, ps, ks, n, x0, x1);
   }
-  for (int t = 0; t < n; ++t, p += ps, k0 += ks) {
-    const float* k1 = k0 - ks;
-    for (int j = 0; j < j1 - j0; ++j) {
-      const vf w0 = *reinterpret_cast<const vf*>(k0 + j * L), w1 = *reinterpret_cast<const vf*>(k1 + j * L);
-#pragma GCC unroll 16
-      for (int r = 0; r < T; ++r) {
-        const vf v = *reinterpret_cast<const vf*>(p + (j + r) * L);
-        x0[r] += v * w0;
-        x1[r] += v * w1;
-      }
-    }
-  }
+  for (int t = 0; t < n; ++t, p += ps, k0 += ks)
+    for (int j = 0; j < j1 - j0; ++j) column2<T>(p, k0, k0 - ks, j, x0, x1);
 }
 
 // The same products for a tile of T outputs on each of two output rows, a and a + 1, whose taps share input rows
