@@ -281,9 +281,9 @@ int tile_width(int nk, const int* khs, const int* kws, const int* s0, const int*
 
 // The rows [0, n) of a two-row tile that both outputs run, in tap order: input row t at p + t·ps is row a's kernel row
 // at k0 + t·ks and row a + 1's kernel row before it; each column loads two weights and T inputs for 2·T products. The
-// rows step by pointer increments, and a band's short side (3, 5 or 7 taps: SLaK's N) runs fully unrolled: 1.06-1.08x
-// faster per call at SLaK-T's stage 0-2 shapes than one loop over the rows with the row's tests (docs/benchmarks.md,
-// "Session 17").
+// rows step by pointer increments, and a band's short side (3, 5 or 7 taps: SLaK's N) runs fully unrolled: 1.04-1.10x
+// faster per call at most of SLaK-T's stage 0-2 shapes (1.01-1.05x at 32 x 32 and 50 x 84) than one loop over the rows
+// with the row's tests (docs/benchmarks.md, "Session 17").
 template <int T>
 __attribute__((always_inline)) inline void column2(const float* p, const float* k0, const float* k1, int j, vf* x0,
                                                    vf* x1) {
@@ -577,7 +577,8 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
       for (int l = 0; l < L; ++l) lanes[l] = l < nc ? -1 : 0;
 
       const int slot = kslots > 1 ? cb : 0;
-      float* K = kbuf.get(kslots * kblock * L) + slot * kblock * L;
+      float* const Ks = kbuf.get(kslots * kblock * L);
+      float* K = Ks + slot * kblock * L;
       // Tap by tap, one vector of the block's L channels (zero lanes past the last channel) assigned to its row's
       // tap, then the folded rows' vectors added into their host rows. The zero taps (T - 1 each side of every row)
       // are written once per buffer and layout. (Was: the whole buffer zeroed for every block, then each channel's
@@ -585,7 +586,7 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
       // stage, where the re-layout is a fifth of the call.)
       if (slot_call[slot] != call || slot_cb[slot] != cb) {
         thread_local ZeroedOnce kzero;
-        kzero.zero(K - slot * kblock * L, kslots * kblock * L, slots_layout);
+        kzero.zero(Ks, kslots * kblock * L, slots_layout);
         for (int folded = 0; folded < 2; ++folded)
           for (int k = 0; k < g.nk; ++k) {
             const KernelView& kv = ws[k];
