@@ -17,6 +17,7 @@ path runs instead: same results to float32 rounding, only slower. ``SLAK_MM_CPU_
 no warning); :func:`slak_mm.ops.cpu_fusion.cpu_fusions_disabled` ``('dwconv_kernel')`` does so for a block of code.
 """
 import os
+import re
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -37,8 +38,10 @@ def cpu_kernel_wanted() -> bool:
 
 
 def build_name() -> str:
-    """Extension name: one per instruction set, so a shared cache never hands one CPU another's binary."""
-    return f'slak_mm_dwconv_cpu_{torch.backends.cpu.get_cpu_capability().lower()}'
+    """Extension name: one per instruction set, so a shared cache never hands one CPU another's binary. Characters
+    other than letters and digits become '_': some capabilities have spaces ('NO AVX', what torch 2.5 reports for x86
+    without AVX2, and 'Z VECTOR'), which the module name and the build command cannot take."""
+    return 'slak_mm_dwconv_cpu_' + re.sub(r'[^0-9a-z]+', '_', torch.backends.cpu.get_cpu_capability().lower())
 
 
 def build_cpu_kernel(verbose: bool = False) -> ModuleType:
