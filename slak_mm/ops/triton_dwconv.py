@@ -65,7 +65,8 @@ def _rows4(a0, a1, a2, a3, xv, w_ptr, i, j, KW, CP, c):
 def _store_row(y_ptr, part_ptr, acc, yb, oh, ow, c, cmask, H, W, syc, syh, syw, PARTIAL_IN: tl.constexpr):
     """Store one output row's tile (plus the float32 partial sum of earlier launches, if any)."""
     off = yb + oh * syh + (ow * syw)[:, None] + (c * syc)[None, :]
-    m = ((ow < W) & (oh < H))[:, None] & cmask[None, :]
+    # the row test as a vector (see _wgrad_row)
+    m = ((ow < W) & (oh + 0 * ow < H))[:, None] & cmask[None, :]
     if PARTIAL_IN:
         acc += tl.load(part_ptr + off, mask=m, other=0.)
     tl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=m)
@@ -133,9 +134,14 @@ def _dw_rows_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, bias_ptr, y0_ptr, y1_ptr, pa
 
 @triton.jit
 def _wgrad_row(x_ptr, xoff, xm, ih, sxh, H, ROW_MASK: tl.constexpr):
-    """One row's tile as float32: zero outside rows [0, H) if ROW_MASK (else the caller knows the row is inside)."""
+    """One row's tile as float32: zero outside rows [0, H) if ROW_MASK (else the caller knows the row is inside).
+
+    Scalar tests enter masks as vectors (``ih + 0 * xoff``), here and in the other kernels: Triton 3.9's interpreter
+    gives ``tensor & (scalar comparison)`` an int32 result that tl.load / tl.store reject as a mask. The compiled
+    code is the same either way (docs/benchmarks.md, "Triton versions")."""
     if ROW_MASK:
-        xm = xm & (ih >= 0) & (ih < H)
+        row = ih + 0 * xoff
+        xm = xm & (row >= 0) & (row < H)
     return tl.load(x_ptr + xoff + ih * sxh, mask=xm, other=0.).to(tl.float32)
 
 
@@ -208,10 +214,10 @@ def _dw_wgrad_kernel(x_ptr, dy_ptr, part_ptr, C, H, W, KH, KW, HC, ROWS,
             a0, a1, a2, a3, s0, s1, s2 = _wgrad_steps(a0, a1, a2, a3, s0, s1, s2, x_ptr, dy_ptr, xoff, yoff, xm, h,
                                                       h + i0 - KH // 2, sxh, syh, H, h_hi, True)
     off = s.to(tl.int64) * (C * KH * KW) + c * (KH * KW) + i0 * KW + j
-    tl.store(part_ptr + off, tl.sum(a0, axis=0), mask=cmask & (i0 < KH))
-    tl.store(part_ptr + off + KW, tl.sum(a1, axis=0), mask=cmask & (i0 + 1 < KH))
-    tl.store(part_ptr + off + 2 * KW, tl.sum(a2, axis=0), mask=cmask & (i0 + 2 < KH))
-    tl.store(part_ptr + off + 3 * KW, tl.sum(a3, axis=0), mask=cmask & (i0 + 3 < KH))
+    tl.store(part_ptr + off, tl.sum(a0, axis=0), mask=cmask & (i0 + 0 * c < KH))
+    tl.store(part_ptr + off + KW, tl.sum(a1, axis=0), mask=cmask & (i0 + 1 + 0 * c < KH))
+    tl.store(part_ptr + off + 2 * KW, tl.sum(a2, axis=0), mask=cmask & (i0 + 2 + 0 * c < KH))
+    tl.store(part_ptr + off + 3 * KW, tl.sum(a3, axis=0), mask=cmask & (i0 + 3 + 0 * c < KH))
 
 
 def _pow2(n: int) -> int:
