@@ -275,15 +275,16 @@ def test_backbone_rejects_unknown_conv_impl():
         SLaK(arch=TINY_ARCH, conv_impl='cutlass')
 
 
-_COMPILE_SM90 = r"""
+_COMPILE = r"""
 import sys
 sys.path.insert(0, 'tools')
-from triton_sass_stats import compile_sm90
+from triton_sass_stats import compile_cubin
 from slak_mm.ops import triton_dwconv as T
 
 def build(fn, ptrs, constexprs):
-    assert compile_sm90(fn, ptrs, constexprs).asm['cubin'], 'no cubin'
-    return 1
+    for arch in (90, 80):
+        assert compile_cubin(fn, ptrs, constexprs, arch=arch).asm['cubin'], f'no sm_{arch} cubin'
+    return 2
 
 n = 0
 for dtype in ('fp32', 'bf16', 'fp16'):
@@ -301,20 +302,20 @@ print('compiled', n)
 """
 
 
-def test_kernels_compile_for_h100_without_a_gpu():
+def test_kernels_compile_for_h100_and_a100_without_a_gpu():
     """The interpreter accepts some code the GPU compiler rejects: build every kernel variant (forward: two kernels
     sharing loads, summed with separate inputs, one kernel with bias and partial sum, one alone; weight-gradient;
-    fp32/bf16/fp16) to an sm_90 cubin with Triton's bundled ptxas. A subprocess,
+    fp32/bf16/fp16) to sm_90 (H100) and sm_80 (A100) cubins with Triton's bundled ptxas. A subprocess,
     because this process defined the kernels for the interpreter."""
     import os
     import subprocess
     import sys
     env = dict(os.environ, TRITON_INTERPRET='0')
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, '-c', _COMPILE_SM90], env=env, cwd=root, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, '-c', _COMPILE], env=env, cwd=root, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'compiled 18' in proc.stdout
+    assert 'compiled 36' in proc.stdout
 
 
 def test_compiled_inner_loops_reuse_each_load(tmp_path):

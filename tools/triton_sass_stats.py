@@ -1,15 +1,16 @@
 """Instruction mix of the Triton depthwise kernels' inner loops on sm_90 (H100), without a GPU.
 
-    python tools/triton_sass_stats.py [--dtype bf16] [--json work_dirs/benchmarks/triton_sass.json]
+    python tools/triton_sass_stats.py [--dtype bf16] [--arch 90] [--json work_dirs/benchmarks/triton_sass.json]
 
 Compiles each kernel variant SLaK uses (forward: the M×N + N×N pair sharing loads, one band alone; weight gradient)
-for sm_90 with Triton's bundled ptxas, specialised as Triton's JIT specialises them for channels_last tensors (the
+for sm_90 (``--arch 80``: sm_80, A100) with Triton's bundled ptxas, specialised as Triton's JIT specialises them for channels_last tensors (the
 channel stride 1 a compile-time constant, pointers and row strides 16-divisible), disassembles the cubin with the
 bundled nvdisasm, and reports for the innermost loop with the most FFMAs (of several such loops, the leanest: the
 kernel's path through the map's interior; the JSON lists the others' instruction counts): its instructions, FFMAs,
 global loads and the FFMA share of the issued instructions, plus the registers per thread. A static measure, not a
 timing: on a GPU the kernel may be bound by memory or latency instead; `bash tools/gpu_checks.sh` times it.
-Runs in a fresh process with TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled).
+Runs in a fresh process with TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled). Needs Triton
+>= 3.3 (its ``ASTSource`` signature; the kernels themselves compile with 3.0 and later).
 """
 import argparse
 import json
@@ -64,9 +65,10 @@ def variants(dtype: str):
     ]
 
 
-def compile_sm90(fn, ptrs, constexprs, div16=()):
-    """``fn`` compiled to an sm_90 cubin with Triton's bundled ptxas: pointer arguments typed by ``ptrs``, the others
-    i32 (``div16``: known to be multiples of 16, as the JIT assumes for such values and 16-byte aligned pointers)."""
+def compile_cubin(fn, ptrs, constexprs, div16=(), arch=90):
+    """``fn`` compiled to an sm_``arch`` cubin with Triton's bundled ptxas: pointer arguments typed by ``ptrs``, the
+    others i32 (``div16``: known to be multiples of 16, as the JIT assumes for such values and 16-byte aligned
+    pointers)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -74,16 +76,16 @@ def compile_sm90(fn, ptrs, constexprs, div16=()):
     signature.update({a: 'constexpr' for a in constexprs})
     attrs = {(fn.arg_names.index(a),): [['tt.divisibility', 16]] for a in div16}
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget('cuda', 90, 32))
+                          target=GPUTarget('cuda', arch, 32))
 
 
-def compile_stats(dtype: str):
+def compile_stats(dtype: str, arch: int = 90):
     import triton
     bindir = osp.join(osp.dirname(triton.__file__), 'backends', 'nvidia', 'bin')
     rows = []
     for name, fn, ptrs, constexprs in variants(dtype):
         div16 = [a for a in fn.arg_names if a in ptrs or a in ('sxn', 'sxh', 'syn', 'syh', 'CP')]
-        k = compile_sm90(fn, ptrs, constexprs, div16)
+        k = compile_cubin(fn, ptrs, constexprs, div16, arch)
         with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
             f.write(k.asm['cubin'])
             f.flush()
@@ -110,13 +112,14 @@ def compile_stats(dtype: str):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--dtype', default='bf16', choices=['fp32', 'bf16', 'fp16'])
+    parser.add_argument('--arch', type=int, default=90, choices=[80, 90], help='compute capability x 10')
     parser.add_argument('--json', default=None)
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.child:  # the kernels must be defined with the interpreter off
         env = dict(os.environ, TRITON_INTERPRET='0')
         return subprocess.run([sys.executable, osp.abspath(__file__), '--child', *sys.argv[1:]], env=env).returncode
-    rows = compile_stats(args.dtype)
+    rows = compile_stats(args.dtype, args.arch)
     print('| variant | dtype | loop instructions | FFMA | LDG | FFMA share | FFMA per LDG | registers | local bytes |')
     print('|---|---|---|---|---|---|---|---|---|')
     for r in rows:
@@ -125,7 +128,7 @@ def main() -> int:
     if args.json:
         os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)
         with open(args.json, 'w') as f:
-            json.dump(dict(target='sm_90 (compiled, not run)', rows=rows), f, indent=1)
+            json.dump(dict(target=f'sm_{args.arch} (compiled, not run)', rows=rows), f, indent=1)
     return 0
 
 
