@@ -142,8 +142,11 @@ def test_builds_for_other_instruction_sets_match_float64_conv(capability, lanes)
                            env=env, capture_output=True, text=True, cwd=ROOT)
     assert probe.returncode == 0, probe.stderr[-2000:]
     # torch 2.5 reports the default capability on x86 as 'NO AVX'
-    names = ['slak_mm_dwconv_cpu_' + n for n in ([capability] if capability != 'default' else ['default', 'no_avx'])]
-    assert probe.stdout.split() in [[n, str(lanes), '7'] for n in names]
+    isas = [capability] if capability != 'default' else ['default', 'no_avx']
+    names = [f'slak_mm_dwconv_cpu_{n}_torch' for n in isas]
+    name, *widths = probe.stdout.split()
+    assert any(name.startswith(n) for n in names), name
+    assert widths == [str(lanes), '7']
     tests = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k',
                             'matches_float64_conv and not other_instruction_sets or every_tile_width or fits_the_map '
                             'or strided or thread_count or repadded or rezeroed or one_offset'],
@@ -326,10 +329,10 @@ def test_kernel_rejects_what_it_cannot_compute():
         cpu_kernel.cpu_dwconv_sum(xc.double(), [w.double()], None)
 
 
-def test_build_name_is_per_instruction_set(monkeypatch):
+def test_build_name_is_per_instruction_set_and_torch_version(monkeypatch):
     name = cpu_kernel.build_name()
-    assert name.startswith('slak_mm_dwconv_cpu_')
-    assert name.endswith(torch.backends.cpu.get_cpu_capability().lower())
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    assert name == f"slak_mm_dwconv_cpu_{capability}_torch{re.sub(r'[^0-9a-z]+', '_', torch.__version__.lower())}"
     # every capability torch documents gives its own name that is a valid module name: 'NO AVX' (torch 2.5 on x86
     # without AVX2) once put a bare 'avx' into the compiler's command line, so that build failed
     names = {}
@@ -338,7 +341,15 @@ def test_build_name_is_per_instruction_set(monkeypatch):
         names[capability] = cpu_kernel.build_name()
     assert all(n.isidentifier() for n in names.values()), names
     assert len(set(names.values())) == len(names), names
-    assert names['NO AVX'] == 'slak_mm_dwconv_cpu_no_avx'
+    # each torch version builds in its own directory (torch 2.13 and older hang on the lock file 2.14 leaves)
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'NO AVX')
+    versions = {}
+    for version in ('2.5.1+cu124', '2.11.0+cu130', '2.14.1+cu130', '2.14.1+cpu', '2.15.0.dev20261201+cu130'):
+        monkeypatch.setattr(torch, '__version__', version)
+        versions[version] = cpu_kernel.build_name()
+    assert versions['2.5.1+cu124'] == 'slak_mm_dwconv_cpu_no_avx_torch2_5_1_cu124'
+    assert all(n.isidentifier() for n in versions.values()), versions
+    assert len(set(versions.values())) == len(versions), versions
 
 
 def test_one_call_fast_path_runs_plain_float32_inference(kernel_calls, monkeypatch):

@@ -3,11 +3,12 @@
     python tools/triton_sass_stats.py [--dtype bf16] [--arch 90] [--json work_dirs/benchmarks/triton_sass.json]
 
 Compiles each kernel variant SLaK uses (forward: the M×N + N×N pair sharing loads, one band alone; weight gradient)
-for sm_90 (``--arch 80``: sm_80, A100) with Triton's bundled ptxas, specialised as Triton's JIT specialises them for channels_last tensors (the
-channel stride 1 a compile-time constant, pointers and row strides 16-divisible), disassembles the cubin with the
-bundled nvdisasm, and reports for the innermost loop with the most FFMAs (of several such loops, the leanest: the
-kernel's path through the map's interior; the JSON lists the others' instruction counts): its instructions, FFMAs,
-global loads and the FFMA share of the issued instructions, plus the registers per thread. A static measure, not a
+for sm_90 (``--arch 80``: sm_80, A100) with Triton's bundled ptxas, specialised as Triton's JIT specialises them
+for channels_last tensors (the channel stride 1 a compile-time constant, pointers and row strides 16-divisible),
+disassembles the cubin with the bundled nvdisasm, and reports for the innermost loop with the most FFMAs (of
+several such loops, the leanest: the kernel's path through the map's interior; the JSON lists the others'
+instruction counts): its instructions, FFMAs, global loads and the FFMA share of the issued instructions, plus the
+registers per thread. A static measure, not a
 timing: on a GPU the kernel may be bound by memory or latency instead; `bash tools/gpu_checks.sh` times it.
 Runs in a fresh process with TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled). Needs Triton
 >= 3.3 (its ``ASTSource`` signature; the kernels themselves compile with 3.0 and later).

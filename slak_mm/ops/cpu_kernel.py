@@ -37,11 +37,24 @@ def cpu_kernel_wanted() -> bool:
     return os.environ.get(ENV_SWITCH, '1').strip().lower() not in ('0', 'false', 'no', 'off')
 
 
+def _name_part(text: str) -> str:
+    """Lower case, every run of characters other than letters and digits as one '_'."""
+    return re.sub(r'[^0-9a-z]+', '_', text.lower())
+
+
 def build_name() -> str:
-    """Extension name: one per instruction set, so a shared cache never hands one CPU another's binary. Characters
-    other than letters and digits become '_': some capabilities have spaces ('NO AVX', what torch 2.5 reports for x86
-    without AVX2, and 'Z VECTOR'), which the module name and the build command cannot take."""
-    return 'slak_mm_dwconv_cpu_' + re.sub(r'[^0-9a-z]+', '_', torch.backends.cpu.get_cpu_capability().lower())
+    """Extension name: one per instruction set and torch version, e.g. ``slak_mm_dwconv_cpu_avx512_torch2_14_1_cu130``.
+
+    - The instruction set: a shared cache never hands one CPU another's binary.
+    - The torch version: two environments with different torch versions sharing ``~/.cache/torch_extensions`` (the
+      directory is named after the Python and CUDA versions only) do not rebuild each other's binary, and torch 2.13
+      or older does not wait forever on the ``lock`` file that torch 2.14's build lock leaves behind (they take the
+      file's existence for a build in progress; seen with torch 2.11 after 2.14).
+    - Characters other than letters and digits become '_': some capabilities have spaces ('NO AVX', what torch 2.5
+      reports for x86 without AVX2, and 'Z VECTOR'), which the module name and the build command cannot take.
+    """
+    capability = _name_part(torch.backends.cpu.get_cpu_capability())
+    return f'slak_mm_dwconv_cpu_{capability}_torch{_name_part(torch.__version__)}'
 
 
 def build_cpu_kernel(verbose: bool = False) -> ModuleType:
