@@ -8,8 +8,8 @@ for channels_last tensors (the channel stride 1 a compile-time constant, pointer
 disassembles the cubin with the bundled nvdisasm, and reports for the innermost loop with the most FFMAs (of
 several such loops, the leanest: the kernel's path through the map's interior; the JSON lists the others'
 instruction counts): its instructions, FFMAs, global loads and the FFMA share of the issued instructions, plus the
-registers per thread. A static measure, not a
-timing: on a GPU the kernel may be bound by memory or latency instead; `bash tools/gpu_checks.sh` times it.
+registers per thread. A static measure, not a timing: on a GPU the kernel may be bound by memory or latency
+instead; `bash tools/gpu_checks.sh` times it.
 Runs in a fresh process with TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled). Needs Triton
 >= 3.3 (its ``ASTSource`` signature; the kernels themselves compile with 3.0 and later).
 """
