@@ -1,13 +1,12 @@
 """slak_mm's C++ CPU kernel for :func:`slak_mm.ops.dwconv2d_sum` in float32 inference (``csrc/dwconv_cpu.cpp``).
 
-It packs each block of 16 channels into an aligned, zero-padded buffer and runs every kernel as register tiles of
-4-8 outputs along a row (the width that fits the map; on AVX-512 along two rows, which share their input loads), each
-tile skipping the taps that only reach zero padding (or, on maps narrower than the kernel, looping over the map
-columns its outputs reach), so SLaK's long bands run without oneDNN's misaligned loads (SLaK's channel counts are
-not multiples of 16), the transposed copies of the tall band, or the work of taps in the padding (docs/benchmarks.md,
-"C++ CPU kernel"). Kernel rows at the same offset from their centres run once, in the widest of them, with the
-others' taps added in (the cross-shaped unit's N×N centre is not computed twice). Results equal F.conv2d's sum to
-float32 rounding.
+It packs each block of 16 channels into an aligned, zero-padded buffer and runs every kernel as register tiles of 4-8
+outputs along a row (the width that fits the map; on AVX-512 along two rows, which share their input loads), each tile
+skipping the taps that only reach zero padding (or, on maps narrower than the kernel, looping over the map columns its
+outputs reach), so SLaK's long bands run without oneDNN's misaligned loads (SLaK's channel counts are not multiples of
+16), the transposed copies of the tall band, or the work of taps in the padding (docs/cpu_performance_log.md, "C++ CPU
+kernel"). Kernel rows at the same offset from their centres run once, in the widest of them, with the others' taps added
+in (the cross-shaped unit's N×N centre is not computed twice). Results equal F.conv2d's sum to float32 rounding.
 
 Built on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler is needed; `make setup` builds it once),
 cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), one build per instruction set

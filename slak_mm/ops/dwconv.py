@@ -223,13 +223,13 @@ def transposed_kernels(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> List
 
     oneDNN's channels_last depthwise kernel reuses inputs along a kernel row but not down a column: on the 2-core Xeon
     VM a 51×5 band on a 128×128 map runs at a flat ~30–36 GF/s while its 5×51 transpose reaches ~63 GF/s
-    (docs/benchmarks.md, "Tall bands as wide ones"). So a tall band (kh > kw, clipped kh >= 17) is computed as the
-    wide band ``conv(x^T, w^T)^T``: one copy of the input with H and W swapped, shared by the unit, and the result
-    added back as a transposed view into an output that is already in the result's layout -- hence only when at
-    least one kernel stays untransposed. Measured on SLaK-T's folded units: 1.1–1.2× faster on 56–128 px maps,
-    1.0–1.06× at 32×32, 0.94–1.01× at 28×28 and 0.85× at 14×14 (the copies dominate), hence maps of >= 32×32
-    pixels. Only when no gradient is needed (the measured case) and never while tracing/exporting. Same results up
-    to float rounding (the same products, summed in oneDNN's order for the other orientation).
+    (docs/cpu_performance_log.md, "Tall bands as wide ones"). So a tall band (kh > kw, clipped kh >= 17) is computed as
+    the wide band ``conv(x^T, w^T)^T``: one copy of the input with H and W swapped, shared by the unit, and the result
+    added back as a transposed view into an output that is already in the result's layout -- hence only when at least
+    one kernel stays untransposed. Measured on SLaK-T's folded units: 1.1–1.2× faster on 56–128 px maps, 1.0–1.06× at
+    32×32, 0.94–1.01× at 28×28 and 0.85× at 14×14 (the copies dominate), hence maps of >= 32×32 pixels. Only when no
+    gradient is needed (the measured case) and never while tracing/exporting. Same results up to float rounding (the
+    same products, summed in oneDNN's order for the other orientation).
     """
     off = [False] * len(weights)
     if x.device.type != 'cpu' or _exporting():
@@ -295,8 +295,8 @@ def _fused_dwconv_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Op
     activations per extra kernel. A tall band run over the transposed map (:func:`transposed_kernels`) accumulates
     into the transposed view of the sum instead, which oneDNN cannot take: PyTorch then adds its output in place.
     The first convolution runs on ``x`` itself (there always is one), so the sum is channels_last in ``x``'s
-    orientation. Measured against separate convolutions and adds in docs/benchmarks.md ("Band sum as a convolution
-    post-op")."""
+    orientation. Measured against separate convolutions and adds in docs/cpu_performance_log.md ("Band sum as a
+    convolution post-op")."""
     x = _channels_last(x)
     groups, (h, w) = x.shape[1], x.shape[2:]
     flags = transposed_kernels(x, weights)

@@ -3,7 +3,7 @@
 //
 // Why: oneDNN's channels_last depthwise kernel reaches only 20-40% of this machine's GEMM rate on SLaK's long bands,
 // mostly because SLaK's channel counts (124, 249, 499, 998) make every 16-float vector load straddle cache lines,
-// and because it re-loads inputs down a kernel column (docs/benchmarks.md). Here each job takes one block of L
+// and because it re-loads inputs down a kernel column (docs/cpu_performance_log.md). Here each job takes one block of L
 // channels (one vector: 16 on AVX-512, 8 on AVX2, 4 otherwise) of one image and
 //   1. packs it into an aligned buffer P[H][cols][L], zero-padded left and right (one read of x; no boundary tests
 //      later; the padding is zeroed once per thread and map geometry, later jobs only overwrite the map), row by
@@ -283,7 +283,7 @@ int tile_width(int nk, const int* khs, const int* kws, const int* s0, const int*
 // at k0 + t·ks and row a + 1's kernel row before it; each column loads two weights and T inputs for 2·T products. The
 // rows step by pointer increments, and a band's short side (3, 5 or 7 taps: SLaK's N) runs fully unrolled: 1.04-1.10x
 // faster per call at most of SLaK-T's stage 0-2 shapes (1.01-1.05x at 32 x 32 and 50 x 84) than one loop over the rows
-// with the row's tests (docs/benchmarks.md, "Session 17").
+// with the row's tests (docs/cpu_performance_log.md, "Session 17").
 template <int T>
 __attribute__((always_inline)) inline void column2(const float* p, const float* k0, const float* k1, int j, vf* x0,
                                                    vf* x1) {
@@ -391,7 +391,7 @@ inline void tile_inputs2(const float* P, size_t cols, const float* K, int kwp, i
 // once). block_rows asks for each row just before the first output row that reads it, so the reads of x (often from
 // L3) overlap the arithmetic of the rows before. (Was: the whole map packed first, with software prefetch 64 pixels
 // ahead; packing row by row, without it, is 1.04-1.14x faster per call at SLaK-T's 512 px stage shapes, 1.00-1.05x
-// at 224 and 800x1344, Xeon, AVX-512; docs/benchmarks.md.)
+// at 224 and 800x1344, Xeon, AVX-512; docs/cpu_performance_log.md.)
 struct RowPacker {
   const float* xb;
   float* P;
@@ -545,7 +545,7 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
   // lines that straddle their blocks (SLaK's channel counts are not multiples of 16), except for small batches of
   // small maps, which run block-major, so that a thread re-lays a block's kernels out once for all images: there the
   // re-layout weighs more, and the whole batch's lines of a block (B·H·W pixels, 1-2 lines each for x and out) are
-  // still cached when the adjacent block's jobs come. Measured on the Xeon VM (AVX-512; docs/benchmarks.md,
+  // still cached when the adjacent block's jobs come. Measured on the Xeon VM (AVX-512; docs/cpu_performance_log.md,
   // "Session 17"): block-major 1.15x faster at 8 x 14 x 14 (1568 batch pixels) and 1.37x at 8 x 7 x 7; the two on par
   // at 3136; image-major 1.05-1.08x at 56 x 56 and 1.09x at 8 x 28 x 28 (6272), 1.40x at 128 x 7 x 7.
   const bool block_major = static_cast<int64_t>(B) * H * W < kBlockMajorPixels;
