@@ -422,6 +422,83 @@ def test_fast_path_hands_everything_else_back(kernel_calls):
     assert len(kernel_calls) == 1  # only the 'no gradient needed' call ran
 
 
+def _rounded(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def _assert_rounded_sum(out, x, ws, b, dtype):
+    """``out`` against the float64 sum of the operands rounded to ``dtype`` (what autocast's convolutions compute
+    before rounding their output), itself rounded to ``dtype``: equal in >= 99.9% of the elements, and nowhere more
+    than one rounding step (2^-7 of the value for bfloat16, 2^-10 for float16) away (float32 partial sums)."""
+    exact = float64_sum(_rounded(x, dtype), [_rounded(w, dtype) for w in ws], _rounded(b, dtype))
+    expected = exact.to(dtype)
+    assert out.dtype == dtype and out.shape == exact.shape
+    step = 2.0 ** (-7 if dtype is torch.bfloat16 else -10)
+    assert ((out.double() - expected.double()).abs() <= step * exact.abs() + 1e-30).all()
+    assert (out == expected).double().mean() >= 0.999
+
+
+@pytest.mark.parametrize('shape,kernels,x_dtype', [
+    ((2, 37, 9, 13), [(7, 3), (3, 7), (3, 3)], torch.float32),     # two blocks + a 5-channel tail, batch 2
+    ((2, 37, 9, 13), [(7, 3), (3, 7), (3, 3)], torch.bfloat16),    # ... from a bfloat16 input
+    ((1, 124, 16, 16), [(51, 5), (5, 51)], torch.float32),         # SLaK-T's width, bands clipped to the map
+    ((8, 40, 7, 7), [(13, 5), (5, 13)], torch.bfloat16),           # a batch of small maps (image-major, kept kernels)
+])
+def test_bf16_autocast_inference_runs_the_kernel_rounding_like_autocast(kernel_calls, shape, kernels, x_dtype):
+    """Under CPU bfloat16 autocast, with no gradient needed, dwconv2d_sum runs the C++ kernel: x, the kernels and the
+    bias rounded to bfloat16 as autocast rounds a convolution's operands, the products summed in float32, the sum
+    rounded once; a bfloat16 channels_last result."""
+    x, ws, b = random_unit(shape, kernels, True, True, seed=7)
+    x = x.to(x_dtype)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = dwconv2d_sum(x, ws, b)
+    assert len(kernel_calls) == 1
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _assert_rounded_sum(out, x, ws, b, torch.bfloat16)
+
+
+def test_bf16_rounding_of_input_and_output_matches_torch():
+    """The kernel's own float32 -> bfloat16 rounding (of x as it is read, and of the result) against torch's: a 1×1
+    kernel of 1 and no bias returns x rounded; ties to even, infinities, NaN, the largest values, subnormals."""
+    kernel = cpu_kernel.load_cpu_kernel()
+    one = 1 + 2.0 ** -8  # halfway between two bfloat16 values
+    values = torch.tensor([float('nan'), -float('nan'), float('inf'), -float('inf'), 0.0, -0.0, 1.0, one,
+                           1 + 3 * 2.0 ** -8, -one, 3.389e38, -3.4e38, 1e-40, -1e-39, 2.0 ** -133])
+    values = torch.cat([values, torch.randn(200) * 10.0 ** torch.randint(-30, 30, (200,)).float()])
+    x = values.view(1, -1, 1, 1).contiguous(memory_format=torch.channels_last)
+    w = torch.ones(x.shape[1], 1, 1, 1)
+    out = kernel.dwconv_sum_bf16(x, [w], None)
+    expected = x.bfloat16()
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan], expected[~nan])
+    assert torch.equal(kernel.dwconv_sum_bf16(expected, [w], None)[~nan], expected[~nan])  # bfloat16 input: exact
+
+
+def test_fp16_autocast_inference_rounds_like_autocast(kernel_calls):
+    x, ws, b = random_unit((2, 20, 11, 9), [(9, 3), (3, 9)], True, True, seed=3)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16):
+        out = dwconv2d_sum(x, ws, b)
+    assert len(kernel_calls) == 1
+    _assert_rounded_sum(out, x, ws, b, torch.float16)
+
+
+def test_autocast_inference_takes_the_torch_path_where_the_kernel_does_not_apply(kernel_calls):
+    x, ws, b = random_unit((1, 8, 10, 10), [(7, 3), (3, 7)], True, True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        trained = [w.clone().requires_grad_() for w in ws]
+        out = dwconv2d_sum(x, trained, b)  # a gradient is needed: the kernel has no backward
+        with torch.no_grad(), cpu_fusions_disabled('dwconv_kernel'):
+            off = dwconv2d_sum(x, ws, b)
+    assert not kernel_calls
+    out.float().sum().backward()
+    assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in trained)
+    bf = torch.bfloat16
+    exact = float64_sum(_rounded(x, bf), [_rounded(w, bf) for w in ws], _rounded(b, bf))
+    for y in (out, off):  # oneDNN's bfloat16 path rounds each kernel's output before the sum: a looser bound
+        assert y.dtype == torch.bfloat16 and (y.double() - exact).abs().max() <= 2e-2 * exact.abs().max()
+
+
 def test_concurrent_callers_get_their_own_results(kernel_calls):
     # the fast path releases the GIL while it computes: two Python threads, different geometries, run at once
     import threading

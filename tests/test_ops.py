@@ -116,6 +116,55 @@ def test_cpu_training_uses_fft_weight_gradient_for_long_bands():
         assert dwconv2d(x, w, b).grad_fn is None
 
 
+def _graph_has(t, name):
+    """Whether ``t``'s autograd graph (a few nodes deep: layout copies may follow) has a node whose type contains
+    ``name``."""
+    nodes = [t.grad_fn]
+    for _ in range(3):
+        if any(name in type(n).__name__ for n in nodes):
+            return True
+        nodes = [m for n in nodes for m, _ in n.next_functions if m is not None]
+    return False
+
+
+@pytest.mark.parametrize('case', ['fft band, channels_last', '5x5, NCHW input', 'NCHW rule, 7x7 unit'])
+def test_cpu_autocast_training_keeps_autocast_forward_and_takes_float32_weight_gradients(case):
+    """Under CPU bf16 autocast the forward and the input gradient are autocast's (bf16, as F.conv2d gives them); the
+    weight and bias gradients are float32 and within 1e-5 (relative to the largest) of a float64 reference computed
+    from the same bf16-rounded operands, which oneDNN's bf16 weight gradient (~2e-3 off) does not reach."""
+    torch.manual_seed(0)
+    cl = dict(memory_format=torch.channels_last)
+    if case == 'fft band, channels_last':
+        x, ks = torch.randn(2, 8, 20, 20).contiguous(**cl), [(51, 5)]  # clipped to 39×5 on this map: FFT
+    elif case == '5x5, NCHW input':
+        x, ks = torch.randn(2, 8, 12, 12), [(5, 5)]
+    else:
+        x, ks = torch.randn(2, 6, 7, 7).contiguous(**cl), [(13, 5), (5, 13), (5, 5)]
+    x.requires_grad_()
+    ws = [(torch.randn(x.shape[1], 1, *k) / 8).requires_grad_() for k in ks]
+    b = torch.randn(x.shape[1], requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        outs = dwconv2d_branches(x, ws) if len(ws) > 1 else [dwconv2d(x, ws[0], b)]
+        refs = [F.conv2d(x, w, b if len(ws) == 1 else None, padding=(w.shape[2] // 2, w.shape[3] // 2),
+                         groups=x.shape[1]) for w in ws]
+    params = [x, *ws] + ([b] if len(ws) == 1 else [])
+    assert all(o.dtype == torch.bfloat16 and _graph_has(o, 'CPUAutocastDepthwise') for o in outs)
+    g = [torch.randn(o.shape).bfloat16() for o in outs]
+    got = torch.autograd.grad(outs, params, g)
+    autocast_grads = torch.autograd.grad(refs, params, g)
+    x64, *rest = (t.detach().bfloat16().double().requires_grad_() for t in params)
+    w64, b64 = rest[:len(ws)], (rest[len(ws)] if len(ws) == 1 else None)
+    ref64 = [F.conv2d(x64, w, b64, padding=(w.shape[2] // 2, w.shape[3] // 2), groups=x.shape[1]) for w in w64]
+    exp = torch.autograd.grad(ref64, [x64, *rest], [t.double() for t in g])
+    for o, r in zip(outs, ref64):  # the forward: bf16 rounding of the exact result
+        assert (o.double() - r).abs().max() <= 1e-2 * r.abs().max()
+    assert (got[0].double() - exp[0]).abs().max() <= 1e-2 * exp[0].abs().max()  # dx in bf16, as autocast's
+    for a, e, bf in zip(got[1:], exp[1:], autocast_grads[1:]):
+        assert a.dtype == torch.float32
+        assert (a.double() - e).abs().max() <= 1e-5 * e.abs().max()
+    assert any((bf.double() - e).abs().max() > 1e-4 * e.abs().max() for bf, e in zip(autocast_grads[1:], exp[1:]))
+
+
 def test_layout_rule_picks_nchw_only_for_training_short_kernels_on_small_maps():
     cl = dict(memory_format=torch.channels_last)
     bands = [torch.randn(4, 1, 13, 5, requires_grad=True), torch.randn(4, 1, 5, 13, requires_grad=True)]

@@ -1,4 +1,5 @@
-"""slak_mm's C++ CPU kernel for :func:`slak_mm.ops.dwconv2d_sum` in float32 inference (``csrc/dwconv_cpu.cpp``).
+"""slak_mm's C++ CPU kernel for :func:`slak_mm.ops.dwconv2d_sum` in float32 inference and CPU bfloat16 autocast
+inference (``csrc/dwconv_cpu.cpp``).
 
 It packs each block of 16 channels into an aligned, zero-padded buffer and runs every kernel as register tiles of 4-8
 outputs along a row (the width that fits the map; on AVX-512 along two rows, which share their input loads), each tile
@@ -107,3 +108,11 @@ def cpu_dwconv_sum(x: torch.Tensor, weights: List[torch.Tensor], bias: Optional[
     ``torch.profiler`` as ``slak_mm::dwconv_cpu``. (:func:`slak_mm.ops.dwconv2d_sum` calls the kernel's
     ``dwconv_sum_auto`` entry instead once it is loaded: the same computation behind one C++ call.)"""
     return load_cpu_kernel().dwconv_sum(x, weights, bias)
+
+
+def cpu_dwconv_sum_bf16(x: torch.Tensor, weights: List[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`cpu_dwconv_sum` for CPU bfloat16 autocast inference: ``x`` float32 or bfloat16 channels_last, kernels and
+    bias float32; ``x``, the kernels and the bias are rounded to bfloat16 as the kernel reads them (what autocast
+    does to a convolution's operands), the products summed in float32 and the sum rounded to bfloat16 once. Returns
+    a bfloat16 channels_last tensor."""
+    return load_cpu_kernel().dwconv_sum_bf16(x, weights, bias)

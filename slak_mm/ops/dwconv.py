@@ -10,9 +10,11 @@ Semantics are exactly ``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), gr
              accumulates into the sum inside its own convolution, see :func:`fused_sum_applies`). On CPU the
              weight gradient of a large kernel is computed by FFT cross-correlation when the cost model below
              predicts it is cheaper (oneDNN's depthwise weight-gradient runs at a few % of the GEMM rate); the
-             forward and input gradient stay direct. In CPU float32 inference :func:`dwconv2d_sum` (and so
-             :func:`dwconv2d`) runs slak_mm's own C++ kernel instead of oneDNN (:mod:`.cpu_kernel`, built on first
-             use; ``SLAK_MM_CPU_KERNEL=0`` or ``cpu_fusions_disabled('dwconv_kernel')`` turn it off).
+             forward and input gradient stay direct (under CPU autocast in the autocast dtype, as ``F.conv2d``
+             runs them there, with the weight gradient in float32). In CPU float32 inference, and in CPU autocast
+             inference, :func:`dwconv2d_sum` (and so :func:`dwconv2d`) runs slak_mm's own C++ kernel instead of
+             oneDNN (:mod:`.cpu_kernel`, built on first use; ``SLAK_MM_CPU_KERNEL=0`` or
+             ``cpu_fusions_disabled('dwconv_kernel')`` turn it off).
 ``'triton'`` the Triton kernels of :mod:`slak_mm.ops.triton_dwconv` (CUDA tensors; CPU tensors only under Triton's
              interpreter, ``TRITON_INTERPRET=1``, which the tests use).
 ``'auto'``   Triton for CUDA tensors when Triton is installed, the torch path otherwise (and while tracing/exporting).
@@ -181,6 +183,55 @@ class _CPUDepthwiseFFTWeightGrad(torch.autograd.Function):
         return dx, dw, db
 
 
+class _CPUAutocastDepthwise(torch.autograd.Function):
+    """One kernel under CPU autocast, with a float32 weight that needs its gradient.
+
+    Forward and input gradient run as autocast runs ``F.conv2d``: ``x`` arrives in the autocast dtype, the weight and
+    bias are cast to it, and the output and ``dx`` are in it. The weight gradient is computed in float32 from the same
+    low-precision operands (FFT for a large kernel, else float32 oneDNN) and returned as float32: the gradient of the
+    same forward, not rounded to bfloat16. oneDNN's bfloat16 channels_last depthwise weight gradient takes 2-11x the
+    float32 paths' time at SLaK-T's stage 0-2 kernels (docs/benchmarks.md, "CPU autocast"), which made SLaK-T's CPU
+    training step under bf16 autocast 2.3x slower than in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fft):
+        kh, kw = weight.shape[2:]
+        w = weight.to(x.dtype)
+        ctx.save_for_backward(x, w)
+        ctx.fft, ctx.has_bias = fft, bias is not None
+        with torch.autocast('cpu', enabled=False):
+            return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), padding=(kh // 2, kw // 2),
+                            groups=x.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, w = ctx.saved_tensors
+        kh, kw = w.shape[2:]
+        layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        grad_out = grad_out.contiguous(memory_format=layout)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.aten.convolution_backward(grad_out, x, w, None, [1, 1], [kh // 2, kw // 2], [1, 1], False,
+                                                     [0, 0], x.shape[1], [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            if ctx.fft:  # converted straight into the NCHW float32 layout the FFT reads
+                dw = fft_weight_grad(x.to(torch.float32, memory_format=torch.contiguous_format),
+                                     grad_out.to(torch.float32, memory_format=torch.contiguous_format), kh, kw)
+            else:
+                dw = torch.ops.aten.convolution_backward(grad_out.float(), x.float(), w.float(), None, [1, 1],
+                                                         [kh // 2, kw // 2], [1, 1], False, [0, 0], x.shape[1],
+                                                         [False, True, False])[1]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = grad_out.float().sum((0, 2, 3))
+        return dx, dw, db, None
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     # oneDNN (CPU) and cuDNN (GPU) depthwise paths; NCHW long bands hit slow generic kernels. A no-op when the caller
     # already runs channels_last (SLaK converts its input once).
@@ -277,6 +328,48 @@ def cpu_kernel_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: O
     return load_cpu_kernel() is not None
 
 
+def cpu_kernel_autocast_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                              bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    """The autocast dtype when :func:`dwconv2d_sum` runs CPU autocast inference on slak_mm's C++ kernel, else None.
+
+    Under CPU autocast (bfloat16 or float16) with no gradient needed, not tracing / exporting / compiling, a float32 or
+    autocast-dtype input and float32 kernels and bias (the ``'dwconv_kernel'`` switch on and the kernel built): the
+    operands are rounded to the autocast dtype, as autocast's ``F.conv2d`` rounds them, the products summed in float32
+    by the C++ kernel and the sum rounded once to the autocast dtype (oneDNN's bf16 convolutions also accumulate in
+    float32, but round each band's output before the bands are added).
+    """
+    if x.device.type != 'cpu' or x.numel() == 0 or not torch.is_autocast_enabled('cpu'):
+        return None
+    dtype = torch.get_autocast_dtype('cpu')
+    if dtype not in (torch.bfloat16, torch.float16) or x.dtype not in (torch.float32, dtype):
+        return None
+    if any(t.dtype is not torch.float32 for t in (*weights, *(() if bias is None else (bias,)))):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *(() if bias is None else (bias,)))):
+        return None
+    if _exporting() or torch.compiler.is_compiling() or not cpu_fusion_enabled('dwconv_kernel'):
+        return None
+    return dtype if load_cpu_kernel() is not None else None
+
+
+def _cpu_autocast_dwconv_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
+                             dtype: torch.dtype) -> torch.Tensor:
+    """:func:`cpu_kernel_autocast_dtype`'s computation: operands rounded to ``dtype``, summed in float32, rounded.
+    bfloat16 inside the C++ kernel (it reads and writes bfloat16); float16 by rounding copies around the float32
+    kernel."""
+    from .cpu_kernel import cpu_dwconv_sum, cpu_dwconv_sum_bf16
+    if dtype is torch.bfloat16:
+        return cpu_dwconv_sum_bf16(_channels_last(x), list(weights), bias)
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).float()
+
+    with torch.autocast('cpu', enabled=False):
+        out = cpu_dwconv_sum(_channels_last(rounded(x)), [rounded(w) for w in weights],
+                             None if bias is None else rounded(bias))
+    return out.to(dtype)
+
+
 def fused_sum_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
     """Whether :func:`dwconv2d_sum` may accumulate its kernels through oneDNN's convolution + add post-op.
 
@@ -347,9 +440,13 @@ def _torch_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if not _exporting():  # exported graphs keep dynamic sizes
         weight = clip_to_input(weight, x.shape[2], x.shape[3])
     kh, kw = weight.shape[2:]
-    if (fft and x.device.type == 'cpu' and weight.requires_grad and torch.is_grad_enabled() and not _exporting()
-            and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
-            and not torch.is_autocast_enabled('cpu') and fft_weight_grad_wins(kh, kw)):
+    if x.device.type != 'cpu' or not weight.requires_grad or not torch.is_grad_enabled() or _exporting():
+        return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+    if torch.is_autocast_enabled('cpu'):
+        dtype = torch.get_autocast_dtype('cpu')
+        if weight.dtype == torch.float32 and x.dtype in (torch.float32, dtype) and dtype != torch.float32:
+            return _CPUAutocastDepthwise.apply(x.to(dtype), weight, bias, fft and fft_weight_grad_wins(kh, kw))
+    elif fft and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype and fft_weight_grad_wins(kh, kw):
         return _CPUDepthwiseFFTWeightGrad.apply(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
 
@@ -396,6 +493,9 @@ def dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optiona
     if cpu_kernel_applies(x, weights, bias):
         from .cpu_kernel import cpu_dwconv_sum
         return cpu_dwconv_sum(_channels_last(x), list(weights), bias)  # clips the kernels to the map itself
+    autocast_dtype = cpu_kernel_autocast_dtype(x, weights, bias)
+    if autocast_dtype is not None:
+        return _cpu_autocast_dwconv_sum(x, weights, bias, autocast_dtype)
     if fused_sum_applies(x, weights, bias):
         return _fused_dwconv_sum(x, weights, bias)
     outs = _torch_dwconvs(x, weights, bias, allow_transpose=True)

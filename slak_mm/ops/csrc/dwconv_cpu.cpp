@@ -1,5 +1,7 @@
 // CPU inference kernel for slak_mm.ops.dwconv2d_sum: out = bias + sum_k conv2d(x, w_k), depthwise, stride 1,
-// "same" padding, float32, channels_last (NHWC) input and output. Built on first use by slak_mm/ops/cpu_kernel.py.
+// "same" padding, float32 arithmetic, channels_last (NHWC) input and output: float32, or under CPU bfloat16 autocast
+// (dwconv_sum_bf16) a bfloat16 output from a float32 or bfloat16 input, with x, the kernels and the bias rounded to
+// bfloat16 as they are read. Built on first use by slak_mm/ops/cpu_kernel.py.
 //
 // Why: oneDNN's channels_last depthwise kernel reaches only 20-40% of this machine's GEMM rate on SLaK's long bands,
 // mostly because SLaK's channel counts (124, 249, 499, 998) make every 16-float vector load straddle cache lines,
@@ -61,6 +63,22 @@ constexpr int kRows = L == 16 ? 2 : 1;
 typedef float vf __attribute__((vector_size(L * 4), aligned(L * 4)));
 typedef int vi __attribute__((vector_size(L * 4), aligned(L * 4)));
 typedef float vfu __attribute__((vector_size(L * 4), aligned(4)));  // unaligned access to x and out
+typedef unsigned vu __attribute__((vector_size(L * 4), aligned(L * 4)));
+typedef unsigned short vh __attribute__((vector_size(L * 2), aligned(2)));  // L bfloat16 values of x or out
+
+// bfloat16 (CPU autocast inference, dwconv_sum_bf16): values are the upper 16 bits of a float32; float32 is rounded
+// to them to the nearest, ties to even, NaN kept a (quiet) NaN, as torch rounds. The arithmetic stays float32.
+inline vu bf16_bits(vf v) {  // the rounded value's bits in the upper half, zeros below
+  const vu b = (vu)v;
+  const vu r = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+  const vu nan = (vu)(v != v);
+  return (r & ~nan) | (0x7FC00000u & nan);
+}
+inline vf round_bf16(vf v) { return (vf)bf16_bits(v); }
+inline vh to_bf16(vf v) { return __builtin_convertvector(bf16_bits(v) >> 16, vh); }
+inline vf from_bf16(vh h) { return (vf)(__builtin_convertvector(h, vu) << 16); }
+// How a call reads x and writes out.
+enum class In { kF32, kF32RoundedToBf16, kBf16 };
 // Calls of run() so far (names each call for the per-thread kernel re-layout cache; read by the tests).
 std::atomic<long> g_calls{0};
 // Batches of fewer pixels (images x pixels per map) run their jobs block-major (see run).
@@ -393,7 +411,8 @@ inline void tile_inputs2(const float* P, size_t cols, const float* K, int kwp, i
 // ahead; packing row by row, without it, is 1.04-1.14x faster per call at SLaK-T's 512 px stage shapes, 1.00-1.05x
 // at 224 and 800x1344, Xeon, AVX-512; docs/cpu_performance_log.md.)
 struct RowPacker {
-  const float* xb;
+  const void* xb;  // float (In::kF32, kF32RoundedToBf16) or bfloat16 (kBf16)
+  In in;
   float* P;
   size_t cols;
   int PL, H, W, C, nc;
@@ -402,18 +421,38 @@ struct RowPacker {
   int done = 0;     // rows packed so far
   void upto(int r) {
     for (r = std::min(r, H); done < r; ++done) {
-      const float* src = xb + static_cast<size_t>(done) * W * C;
       float* d = P + (static_cast<size_t>(done) * cols + PL) * L;
       const bool last_row = last_image && done + 1 == H;
-      for (int c = 0; c < W; ++c, d += L, src += C) {
-        if (nc == L) {
-          *reinterpret_cast<vf*>(d) = *reinterpret_cast<const vfu*>(src);
-        } else if (!last_row || c + 1 < W) {  // a full-vector read stays inside x
-          *reinterpret_cast<vf*>(d) = (vf)((vi)(*reinterpret_cast<const vfu*>(src)) & lanes);
-        } else {
-          for (int l = 0; l < L; ++l) d[l] = l < nc ? src[l] : 0.f;
+      const size_t row = static_cast<size_t>(done) * W * C;
+      switch (in) {
+        case In::kF32: pack_row<In::kF32>(static_cast<const float*>(xb) + row, d, last_row); break;
+        case In::kF32RoundedToBf16:
+          pack_row<In::kF32RoundedToBf16>(static_cast<const float*>(xb) + row, d, last_row);
+          break;
+        case In::kBf16: pack_row<In::kBf16>(static_cast<const unsigned short*>(xb) + row, d, last_row); break;
+      }
+    }
+  }
+  template <In I, typename E>
+  void pack_row(const E* src, float* d, bool last_row) {
+    for (int c = 0; c < W; ++c, d += L, src += C) {
+      vf v;
+      if (nc == L || !last_row || c + 1 < W) {  // a full-vector read stays inside x
+        if constexpr (I == In::kBf16)
+          v = from_bf16(*reinterpret_cast<const vh*>(src));
+        else
+          v = *reinterpret_cast<const vfu*>(src);
+        if (nc != L) v = (vf)((vi)v & lanes);
+      } else {
+        for (int l = 0; l < L; ++l) {
+          if constexpr (I == In::kBf16)
+            v[l] = l < nc ? from_bf16(vh{src[l]})[0] : 0.f;
+          else
+            v[l] = l < nc ? src[l] : 0.f;
         }
       }
+      if constexpr (I == In::kF32RoundedToBf16) v = round_bf16(v);
+      *reinterpret_cast<vf*>(d) = v;
     }
   }
 };
@@ -421,9 +460,10 @@ struct RowPacker {
 // Steps 1-3 of one job: every output row of the block, kRows at a time (the last one alone if H is odd), from the
 // packed map P (packed by pk as the rows need it) and the block's kernels K; A holds kRows rows of Wr accumulators.
 template <int T>
-void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* A, float* ob, int nc,
-                const float* next_x, RowPacker& pk) {
+void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* A, void* ob, bool out_bf16, int nc,
+                const char* next_x, size_t x_esize, RowPacker& pk) {
   const int H = g.H, W = g.W, C = g.C, Wr = round_up(W, T);
+  const size_t o_esize = out_bf16 ? 2 : 4;
   for (int a = 0; a < H; a += kRows) {
     const int nr = std::min(kRows, H - a);
     // prefetch these output rows (written after they are computed) and the next job's input rows (if given):
@@ -431,12 +471,13 @@ void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* 
     for (int q = a; q < a + nr; ++q) {
       const size_t row = static_cast<size_t>(q) * W * C;
       for (int c = 0; c < W; ++c) {
+        const size_t e = row + static_cast<size_t>(c) * C;  // first element of the pixel's block
         if (next_x) {
-          __builtin_prefetch(next_x + row + static_cast<size_t>(c) * C);
-          __builtin_prefetch(next_x + row + static_cast<size_t>(c) * C + L - 1);
+          __builtin_prefetch(next_x + e * x_esize);
+          __builtin_prefetch(next_x + (e + L - 1) * x_esize);
         }
-        __builtin_prefetch(ob + row + static_cast<size_t>(c) * C, 1);
-        __builtin_prefetch(ob + row + static_cast<size_t>(c) * C + L - 1, 1);
+        __builtin_prefetch(static_cast<char*>(ob) + e * o_esize, 1);
+        __builtin_prefetch(static_cast<char*>(ob) + (e + L - 1) * o_esize, 1);
       }
     }
     pk.upto(a + nr + g.reach);  // 1. the input rows these output rows read
@@ -481,21 +522,36 @@ void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* 
     // 3. write the valid channels (their lines were prefetched at the start of the rows)
     for (int q = 0; q < nr; ++q) {
       const vf* Aq = A + static_cast<size_t>(q) * Wr;
-      float* o = ob + static_cast<size_t>(a + q) * W * C;
-      if (nc == L) {
+      const size_t row = static_cast<size_t>(a + q) * W * C;
+      if (out_bf16) {
+        unsigned short* o = static_cast<unsigned short*>(ob) + row;
         for (int c = 0; c < W; ++c) {
-          *reinterpret_cast<vfu*>(o + static_cast<size_t>(c) * C) = Aq[c];
+          const vh h = to_bf16(Aq[c]);
+          if (nc == L)
+            *reinterpret_cast<vh*>(o + static_cast<size_t>(c) * C) = h;
+          else
+            for (int l = 0; l < nc; ++l) o[static_cast<size_t>(c) * C + l] = h[l];
         }
       } else {
-        for (int c = 0; c < W; ++c)
-          for (int l = 0; l < nc; ++l) o[static_cast<size_t>(c) * C + l] = Aq[c][l];
+        float* o = static_cast<float*>(ob) + row;
+        if (nc == L) {
+          for (int c = 0; c < W; ++c) {
+            *reinterpret_cast<vfu*>(o + static_cast<size_t>(c) * C) = Aq[c];
+          }
+        } else {
+          for (int c = 0; c < W; ++c)
+            for (int l = 0; l < nc; ++l) o[static_cast<size_t>(c) * C + l] = Aq[c][l];
+        }
       }
     }
   }
 }
 
-void run(const float* x, float* out, const Unit& u, const float* bias, int64_t bias_stride, int B, int C, int H,
-         int W) {
+// x, out: element types per `in` and out_bf16 (float or bfloat16); with round_params the kernels' taps and the bias
+// are rounded to bfloat16 first (CPU autocast inference, where autocast rounds a convolution's weights).
+void run(const void* x, In in, void* out, bool out_bf16, const Unit& u, const float* bias, int64_t bias_stride,
+         bool round_params, int B, int C, int H, int W) {
+  const size_t x_esize = in == In::kBf16 ? 2 : 4, o_esize = out_bf16 ? 2 : 4;
   const std::vector<KernelView>& ws = u.views;
   const std::vector<int>& khs = u.khs;
   const std::vector<int>& kws = u.kws;
@@ -571,8 +627,8 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
     }
     for (int64_t job = begin; job < end; ++job) {
       const int cb = block_of(job), b = image_of(job), nc = std::min(L, C - cb * L);
-      const float* xb = x + offset_of(job);
-      float* ob = out + offset_of(job);
+      const void* xb = static_cast<const char*>(x) + offset_of(job) * x_esize;
+      void* ob = static_cast<char*>(out) + offset_of(job) * o_esize;
       vi lanes;
       for (int l = 0; l < L; ++l) lanes[l] = l < nc ? -1 : 0;
 
@@ -597,7 +653,8 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
               vf* Ki = reinterpret_cast<vf*>(K + dst[i] * L);
               for (int j = 0; j < kv.kw; ++j) {
                 const float* wij = w + i * kv.sh + j * kv.sw;
-                const vf v = nc == L ? lanes_of(wij, kv.sc, Lanes{}) : lanes_of(wij, kv.sc, nc, Lanes{});
+                vf v = nc == L ? lanes_of(wij, kv.sc, Lanes{}) : lanes_of(wij, kv.sc, nc, Lanes{});
+                if (round_params) v = round_bf16(v);
                 Ki[j] = folded ? Ki[j] + v : v;
               }
             }
@@ -611,22 +668,25 @@ void run(const float* x, float* out, const Unit& u, const float* bias, int64_t b
       float* P = pbuf.get(L * H * g.cols);
       thread_local ZeroedOnce pzero;  // the padding; later jobs only overwrite the map
       pzero.zero(P, L * H * g.cols, map_layout);
-      RowPacker pk{xb, P, g.cols, g.PL, H, W, C, nc, b + 1 == B, lanes};
+      RowPacker pk{xb, in, P, g.cols, g.PL, H, W, C, nc, b + 1 == B, lanes};
       vf bv = vf{};
       if (bias != nullptr)
         for (int l = 0; l < nc; ++l) bv[l] = bias[(cb * L + l) * bias_stride];
+      if (round_params) bv = round_bf16(bv);
 
       // 2 and 3: output rows, accumulated in A[Wr] from the bias, then written
       vf* A = reinterpret_cast<vf*>(abuf.get(static_cast<size_t>(kRows) * L * Wr));
       // prefetched during this job on small maps (on large ones the next job's input would not stay in cache)
-      const float* next_x = H * W < kSmallMapPixels && job + 1 < end ? x + offset_of(job + 1) : nullptr;
+      const char* next_x = H * W < kSmallMapPixels && job + 1 < end
+                               ? static_cast<const char*>(x) + offset_of(job + 1) * x_esize
+                               : nullptr;
       switch (g.T) {
-        case 4: block_rows<4>(g, P, K, bv, A, ob, nc, next_x, pk); break;
-        case 5: block_rows<5>(g, P, K, bv, A, ob, nc, next_x, pk); break;
-        case 6: block_rows<6>(g, P, K, bv, A, ob, nc, next_x, pk); break;
-        case 7: block_rows<7>(g, P, K, bv, A, ob, nc, next_x, pk); break;
+        case 4: block_rows<4>(g, P, K, bv, A, ob, out_bf16, nc, next_x, x_esize, pk); break;
+        case 5: block_rows<5>(g, P, K, bv, A, ob, out_bf16, nc, next_x, x_esize, pk); break;
+        case 6: block_rows<6>(g, P, K, bv, A, ob, out_bf16, nc, next_x, x_esize, pk); break;
+        case 7: block_rows<7>(g, P, K, bv, A, ob, out_bf16, nc, next_x, x_esize, pk); break;
         default:
-          if constexpr (kMaxTile == 8) block_rows<8>(g, P, K, bv, A, ob, nc, next_x, pk);
+          if constexpr (kMaxTile == 8) block_rows<8>(g, P, K, bv, A, ob, out_bf16, nc, next_x, x_esize, pk);
           break;
       }
     }
@@ -667,7 +727,9 @@ KernelView clipped_view(const at::Tensor& w, int H, int W) {
 std::vector<std::pair<int, int>> g_last_kernels, g_last_folded;
 std::mutex g_last_kernels_lock;
 
-torch::Tensor run_unit(const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor* bias) {
+// bf16: x float32 (rounded to bfloat16 as it is read) or bfloat16, kernels and bias rounded, bfloat16 output.
+torch::Tensor run_unit(const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor* bias,
+                       bool bf16 = false) {
   RECORD_FUNCTION("slak_mm::dwconv_cpu", std::vector<c10::IValue>());  // shows in torch.profiler; ~free when off
   const int B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   std::vector<KernelView> views;
@@ -682,21 +744,21 @@ torch::Tensor run_unit(const at::Tensor& x, const std::vector<at::Tensor>& weigh
       g_last_folded.emplace_back(u.s0[k], u.s1[k]);
     }
   }
-  auto out = torch::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto out = torch::empty({B, C, H, W}, x.options()
+                                           .dtype(bf16 ? at::kBFloat16 : at::kFloat)
+                                           .memory_format(at::MemoryFormat::ChannelsLast));
+  const In in = !bf16 ? In::kF32 : x.scalar_type() == at::kBFloat16 ? In::kBf16 : In::kF32RoundedToBf16;
   if (out.numel() > 0)
-    run(x.data_ptr<float>(), out.data_ptr<float>(), u, bias ? bias->data_ptr<float>() : nullptr,
-        bias ? bias->stride(0) : 0, B, C, H, W);
+    run(x.data_ptr(), in, out.data_ptr(), bf16, u, bias ? bias->data_ptr<float>() : nullptr,
+        bias ? bias->stride(0) : 0, bf16, B, C, H, W);
   return out;
 }
 
 }  // namespace
 
-// x: (B, C, H, W) float32 channels_last; weights: (C, 1, kh, kw) float32, odd sides, any strides (taps that only
-// reach the zero padding are dropped here); bias: (C,) or None. Returns (B, C, H, W) channels_last.
-torch::Tensor dwconv_sum(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
-                         const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
-              "dwconv_cpu: x must be a 4-D float32 CPU tensor");
+// The checks both entries share (x's dtype aside).
+static void check_unit_args(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                            const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "dwconv_cpu: x must be channels_last");
   TORCH_CHECK(!weights.empty(), "dwconv_cpu: at least one kernel");
   for (const auto& w : weights)
@@ -707,7 +769,28 @@ torch::Tensor dwconv_sum(const torch::Tensor& x, const std::vector<torch::Tensor
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x.size(1) && bias->scalar_type() == torch::kFloat32 &&
                     bias->device().is_cpu(),
                 "dwconv_cpu: bias must be a float32 CPU (C,) tensor");
+}
+
+// x: (B, C, H, W) float32 channels_last; weights: (C, 1, kh, kw) float32, odd sides, any strides (taps that only
+// reach the zero padding are dropped here); bias: (C,) or None. Returns (B, C, H, W) channels_last.
+torch::Tensor dwconv_sum(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                         const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+              "dwconv_cpu: x must be a 4-D float32 CPU tensor");
+  check_unit_args(x, weights, bias);
   return run_unit(x, weights, bias.has_value() ? &*bias : nullptr);
+}
+
+// CPU bfloat16 autocast inference: as dwconv_sum, with x float32 or bfloat16 and x, the kernels and the bias rounded
+// to bfloat16 (as autocast rounds a convolution's operands), the products summed in float32 and the sum rounded to
+// bfloat16 once. Returns a bfloat16 channels_last tensor.
+torch::Tensor dwconv_sum_bf16(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                              const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 4 && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
+                  x.device().is_cpu(),
+              "dwconv_cpu: x must be a 4-D float32 or bfloat16 CPU tensor");
+  check_unit_args(x, weights, bias);
+  return run_unit(x, weights, bias.has_value() ? &*bias : nullptr, true);
 }
 
 // dwconv2d_sum's fast path, one call from Python: the unit computed here when it is plain float32 CPU inference
@@ -767,6 +850,9 @@ int64_t tile_width_for(const std::vector<int64_t>& khs, const std::vector<int64_
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dwconv_sum", &dwconv_sum, "sum_k depthwise conv2d(x, w_k) + bias (CPU, float32, channels_last)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("dwconv_sum_bf16", &dwconv_sum_bf16,
+        "dwconv_sum with bfloat16 rounding of x, kernels and bias and a bfloat16 result (CPU autocast inference)",
         py::call_guard<py::gil_scoped_release>());
   m.def("dwconv_sum_auto", &dwconv_sum_auto,
         "dwconv_sum for plain float32 CPU inference (any layout), None for anything else");
