@@ -380,9 +380,9 @@ def test_one_call_fast_path_runs_plain_float32_inference(kernel_calls, monkeypat
 
 
 def test_fast_path_hands_everything_else_back(kernel_calls):
-    # dwconv_sum_auto returns None (and runs nothing) for any call that is not plain float32 CPU inference with
-    # valid arguments; dwconv2d_sum's Python path then raises the clear error or runs the differentiable /
-    # traceable / other-dtype path.
+    # dwconv_sum_auto returns None (and runs nothing) for any call that is not plain float32 CPU inference (or the
+    # same under bfloat16 autocast) with valid arguments; dwconv2d_sum's Python path then raises the clear error or
+    # runs the differentiable / traceable / other-dtype path.
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
     kernel = kernel_calls.kernel
@@ -407,8 +407,9 @@ def test_fast_path_hands_everything_else_back(kernel_calls):
         assert kernel.dwconv_sum_auto(*args) is None, name
     with torch.no_grad():
         assert kernel.dwconv_sum_auto(*bad['trained input']) is not None  # no gradient needed: runs
-        with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.autocast('cpu', dtype=torch.float16):  # float16 autocast: the Python path (rounding copies)
             assert kernel.dwconv_sum_auto(x, ws, b) is None
+        assert kernel.dwconv_sum_auto(x.bfloat16(), ws, b) is None  # bfloat16 input outside autocast: oneDNN
         with Passthrough():
             assert kernel.dwconv_sum_auto(x, ws, b) is None
         with FakeTensorMode() as mode:
@@ -420,6 +421,13 @@ def test_fast_path_hands_everything_else_back(kernel_calls):
             torch.jit.trace(lambda a: traced.append(kernel.dwconv_sum_auto(a, ws, b)) or a, x, check_trace=False)
         assert traced == [None]
     assert len(kernel_calls) == 1  # only the 'no gradient needed' call ran
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):  # bfloat16 autocast: runs, as dwconv_sum_bf16
+        for xa in (x, x.bfloat16()):
+            out = kernel.dwconv_sum_auto(xa, ws, b)
+            assert out.dtype == torch.bfloat16
+            assert torch.equal(out, kernel.dwconv_sum_bf16(xa.contiguous(memory_format=torch.channels_last), ws, b))
+        assert kernel.dwconv_sum_auto(x, [ws[0].bfloat16(), ws[1]], b) is None  # kernels must be float32
+    assert len(kernel_calls) == 5
 
 
 def _rounded(t, dtype):
@@ -473,6 +481,18 @@ def test_bf16_rounding_of_input_and_output_matches_torch():
     assert torch.equal(out.isnan(), nan)
     assert torch.equal(out[~nan], expected[~nan])
     assert torch.equal(kernel.dwconv_sum_bf16(expected, [w], None)[~nan], expected[~nan])  # bfloat16 input: exact
+
+
+def test_bf16_autocast_inference_gives_the_same_result_through_python(kernel_calls, monkeypatch):
+    """The first call of a process reaches the kernel through dwconv2d_sum's Python checks (the one-call C++ entry is
+    used once the kernel is loaded): the same kernel, the same bits."""
+    import slak_mm.ops.dwconv as dwconv_module
+    x, ws, b = random_unit((2, 24, 10, 12), [(9, 3), (3, 9)], True, True, seed=5)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        direct = dwconv2d_sum(x, ws, b)
+        monkeypatch.setattr(dwconv_module, 'loaded_cpu_kernel', lambda: None)
+        through_python = dwconv2d_sum(x, ws, b)
+    assert len(kernel_calls) == 2 and torch.equal(direct, through_python)
 
 
 def test_fp16_autocast_inference_rounds_like_autocast(kernel_calls):

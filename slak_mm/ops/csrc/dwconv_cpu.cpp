@@ -693,12 +693,13 @@ void run(const void* x, In in, void* out, bool out_bf16, const Unit& u, const fl
   });
 }
 
-// A plain strided float32 CPU tensor: no subclass (FakeTensor, functorch wrappers), no sparse / quantized /
-// conj / neg views. Its dispatch keys are a subset of an ordinary CPU tensor's (inference tensors have fewer).
-bool plain_f32_cpu(const at::Tensor& t) {
+// A plain strided CPU tensor of this dtype (default float32): no subclass (FakeTensor, functorch wrappers), no sparse /
+// quantized / conj / neg views. Its dispatch keys are a subset of an ordinary CPU tensor's (inference tensors have
+// fewer).
+bool plain_f32_cpu(const at::Tensor& t, at::ScalarType dtype = at::kFloat) {
   static const c10::DispatchKeySet ordinary({c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
                                              c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU});
-  return t.defined() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided && t.device().is_cpu() &&
+  return t.defined() && t.scalar_type() == dtype && t.layout() == at::kStrided && t.device().is_cpu() &&
          (t.key_set() | ordinary) == ordinary;
 }
 
@@ -795,8 +796,9 @@ torch::Tensor dwconv_sum_bf16(const torch::Tensor& x, const std::vector<torch::T
 
 // dwconv2d_sum's fast path, one call from Python: the unit computed here when it is plain float32 CPU inference
 // (x 4-D and not empty, weights (C, 1, odd, odd), bias (C,) or None, all plain CPU float32 tensors; no gradient
-// needed, no CPU autocast, no JIT trace, plain eager dispatch; up to 8 kernels), else None, and the caller's Python
-// path decides (and raises the clear errors for bad input). Runs without the GIL. Each Python-level test this replaces
+// needed, no JIT trace, plain eager dispatch; up to 8 kernels) or the same under CPU bfloat16 autocast (x float32
+// or bfloat16; as dwconv_sum_bf16), else None, and the caller's Python path decides (and raises the clear errors for
+// bad input). Runs without the GIL. Each Python-level test this replaces
 // costs ~10x its warm time right after the MLP's GEMMs: ~0.3 ms per unit, measured.
 py::object dwconv_sum_auto(py::handle x_obj, py::handle weights_obj, py::handle bias_obj) {
   // exact tensors (torch.Tensor, nn.Parameter): a subclass may override __torch_function__, which only the Python
@@ -804,7 +806,9 @@ py::object dwconv_sum_auto(py::handle x_obj, py::handle weights_obj, py::handle 
   if (!THPVariable_CheckExact(x_obj.ptr()) || !(PyList_Check(weights_obj.ptr()) || PyTuple_Check(weights_obj.ptr())))
     return py::none();
   const at::Tensor& x = THPVariable_Unpack(x_obj.ptr());
-  if (!plain_f32_cpu(x) || x.dim() != 4 || x.numel() == 0 || at::autocast::is_autocast_enabled(at::kCPU) ||
+  const bool bf16 = at::autocast::is_autocast_enabled(at::kCPU);
+  if (bf16 && at::autocast::get_autocast_dtype(at::kCPU) != at::kBFloat16) return py::none();
+  if (!(plain_f32_cpu(x) || (bf16 && plain_f32_cpu(x, at::kBFloat16))) || x.dim() != 4 || x.numel() == 0 ||
       torch::jit::tracer::isTracing() || !eager_dispatch())
     return py::none();
   const bool grad = at::GradMode::is_enabled();
@@ -833,7 +837,7 @@ py::object dwconv_sum_auto(py::handle x_obj, py::handle weights_obj, py::handle 
   {
     py::gil_scoped_release no_gil;
     const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);  // a no-op inside SLaK (channels_last)
-    out = run_unit(xc, weights, bias.defined() ? &bias : nullptr);
+    out = run_unit(xc, weights, bias.defined() ? &bias : nullptr, bf16);
   }
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
 }
@@ -855,7 +859,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dwconv_sum with bfloat16 rounding of x, kernels and bias and a bfloat16 result (CPU autocast inference)",
         py::call_guard<py::gil_scoped_release>());
   m.def("dwconv_sum_auto", &dwconv_sum_auto,
-        "dwconv_sum for plain float32 CPU inference (any layout), None for anything else");
+        "dwconv_sum (dwconv_sum_bf16 under CPU bfloat16 autocast) for plain CPU inference (any layout), None for "
+        "anything else");
   m.def("tile_width", &tile_width_for, "outputs per register tile dwconv_sum uses for kernels (khs, kws) on H×W");
   m.def("calls", [] { return g_calls.load(); }, "kernel runs so far in this process");
   m.def(
