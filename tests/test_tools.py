@@ -1,4 +1,5 @@
 """Tools end to end: ONNX export vs onnxruntime, MAC/parameter counts vs the reference, deploy -> test."""
+import json
 import os
 import re
 import subprocess
@@ -211,6 +212,29 @@ def test_benchmark_writes_its_json_after_every_row(monkeypatch, tmp_path):
                                       '--repeats', '1', '--json', out])
     benchmark_dwconv.main()
     assert writes == [(out, n, False) for n in range(1, 5)] + [(out, 4, True)]
+
+
+def test_unit_benchmark_autocast_runs_every_implementation_under_autocast(monkeypatch, tmp_path):
+    """--autocast: float32 tensors, each implementation's forward under torch.autocast (bf16 outputs, float32 weight
+    gradients for float32 kernels), rows labelled 'bfloat16 autocast'; --autocast with only float32 is refused."""
+    import benchmark_dwconv
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 9, 9)
+    kernels = [torch.randn(4, 1, *k) for k in ((7, 3), (3, 7), (3, 3))]
+    for name, fn in benchmark_dwconv.make_fns(x, kernels, 'eval_sum', torch.bfloat16).items():
+        assert fn().dtype == torch.bfloat16, name
+    for name, fn in benchmark_dwconv.make_fns(x, kernels, 'weight_grad', torch.bfloat16).items():
+        assert all(g.dtype == torch.float32 for g in fn()), name
+    assert benchmark_dwconv.make_fns(x, kernels, 'eval_sum')['ours']().dtype == torch.float32
+    out = tmp_path / 'a.json'
+    monkeypatch.setattr(sys, 'argv', ['benchmark_dwconv.py', '--sizes', '32', '--batch', '1', '--phases', 'eval_sum',
+                                      '--repeats', '1', '--autocast', '--json', str(out)])
+    benchmark_dwconv.main()
+    rows = json.loads(out.read_text())['rows']
+    assert len(rows) == 4 and {r['dtype'] for r in rows} == {'bfloat16 autocast'}
+    proc = subprocess.run([sys.executable, 'tools/benchmark_dwconv.py', '--autocast', '--dtypes', 'float32'],
+                          capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert proc.returncode == 2 and 'other than float32' in proc.stderr
 
 
 def test_interleaved_timing_shuffles_the_order_and_pairs_the_ratios():

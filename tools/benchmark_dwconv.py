@@ -1,7 +1,7 @@
 """Depthwise large-kernel conv benchmark at SLaK-T's four stage shapes.
 
-    python tools/benchmark_dwconv.py [--sizes 224 512 800x1344] [--batch 1] [--dtypes float32] [--quick]
-                                     [--json results.json]
+    python tools/benchmark_dwconv.py [--sizes 224 512 800x1344] [--batch 1] [--dtypes float32] [--autocast]
+                                     [--quick] [--json results.json]
 
 For each stage shape (input size -> stage map, channels, long edge M, short edge N=5), times SLaK's depthwise unit
 (the M×N, N×M and N×N branches of one input) for forward, input-gradient, weight-gradient and forward+backward
@@ -30,8 +30,13 @@ speed-ups are medians of per-repeat ratios (each repeat times all three back to 
 writes JSON with the device name. Each sample is one call, right after a different function (cold caches, as inside
 a network, where the unit follows the MLP's GEMMs); ``--calls N`` times N back-to-back calls per sample instead
 (warm caches, as the 13 ms GEMM is for most of its run), which shows how much of a small unit's time is cold-start.
+``--autocast``: for each of --dtypes other than float32 (default: bfloat16), float32 activations and kernels with
+every implementation run under ``torch.autocast(dtype=...)``, as a model trained or run with AMP calls them (on CPU:
+ours takes float32 weight gradients in training and the C++ kernel with bfloat16 input and output in eval_sum; the
+``F.conv2d`` baselines run oneDNN in bfloat16); the dtype column says e.g. 'bfloat16 autocast'.
 """
 import argparse
+import contextlib
 import os.path as osp
 import sys
 
@@ -77,9 +82,14 @@ def cross_in_map_macs(batch: int, c: int, h: int, w: int, m: int, n: int) -> int
     return in_map_macs(batch, c, h, w, [(m, n), (n, m)]) - in_map_macs(batch, c, h, w, [(n, n)])
 
 
-def make_fns(x: torch.Tensor, kernels, phase: str):
-    """One callable per implementation computing the whole unit (all ``kernels`` on ``x``) for ``phase``."""
+def make_fns(x: torch.Tensor, kernels, phase: str, autocast: torch.dtype = None):
+    """One callable per implementation computing the whole unit (all ``kernels`` on ``x``) for ``phase``; with
+    ``autocast``, each runs its forward under ``torch.autocast(dtype=autocast)``."""
     c = x.shape[1]
+
+    def amp():
+        return torch.autocast(x.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+
     x_cl = x.contiguous(memory_format=torch.channels_last)
     if phase == 'eval_sum':
         bands, bias = folded_bands(kernels), torch.randn(c, device=x.device, dtype=x.dtype)
@@ -90,7 +100,7 @@ def make_fns(x: torch.Tensor, kernels, phase: str):
 
         def no_grad(f):
             def run():
-                with torch.no_grad():
+                with torch.no_grad(), amp():
                     return f()
             return run
 
@@ -114,12 +124,18 @@ def make_fns(x: torch.Tensor, kernels, phase: str):
         ks = [k.detach().requires_grad_(phase in ('weight_grad', 'fwd_bwd')) for k in kernels]
         if phase == 'forward':
             def run():
-                with torch.no_grad():
+                with torch.no_grad(), amp():
                     return impls[name](a, ks)
             return run
         targets = [a] if phase == 'input_grad' else ks if phase == 'weight_grad' else [a, *ks]
-        gs = [torch.ones_like(y) for y in impls[name](a, ks)]
-        return lambda: torch.autograd.grad(impls[name](a, ks), targets, gs)
+        with amp():
+            gs = [torch.ones_like(y) for y in impls[name](a, ks)]
+
+        def step():
+            with amp():
+                ys = impls[name](a, ks)
+            return torch.autograd.grad(ys, targets, gs)
+        return step
     return {name: fn(name) for name in impls}
 
 
@@ -129,6 +145,8 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=None, help='default: 8 at 224, 1 otherwise (CPU); 32/8/2 GPU')
     parser.add_argument('--dtypes', nargs='+', default=None, help='default: float32 on CPU; float32 bfloat16 '
                                                                   'float16 on GPU')
+    parser.add_argument('--autocast', action='store_true', help='float32 tensors, every implementation under '
+                        'torch.autocast(dtype) for each of --dtypes but float32 (default bfloat16)')
     parser.add_argument('--phases', nargs='+', default=list(PHASES), choices=PHASES)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--calls', type=int, default=1, help='back-to-back calls per timed sample (default 1: each '
@@ -146,6 +164,10 @@ def main() -> None:
     except ValueError as e:
         parser.error(str(e))
     dtypes = args.dtypes or (['float32'] if device.type == 'cpu' else ['float32', 'bfloat16', 'float16'])
+    if args.autocast:
+        dtypes = [d for d in (args.dtypes or ['bfloat16']) if d != 'float32']
+        if not dtypes:
+            parser.error('--autocast needs a --dtypes entry other than float32 (bfloat16 or float16)')
     gemm = gemm_gflops(device)
     dev = device_name(device)
     ga, gb = torch.randn(GEMM_N, GEMM_N, device=device), torch.randn(GEMM_N, GEMM_N, device=device)
@@ -162,7 +184,8 @@ def main() -> None:
         for si, (c, m, stride) in enumerate(SLAK_T_STAGES):
             h, w = h_in // stride, w_in // stride
             for dt in dtypes:
-                dtype = getattr(torch, dt)
+                dtype = torch.float32 if args.autocast else getattr(torch, dt)
+                label = f'{dt} autocast' if args.autocast else dt
                 x = torch.randn(batch, c, h, w, device=device, dtype=dtype)
                 x_pass = x.contiguous(memory_format=torch.channels_last)
                 kernels = [torch.randn(c, 1, *k, device=device, dtype=dtype) * 0.05
@@ -172,8 +195,8 @@ def main() -> None:
                 inmap = in_map_macs(batch, c, h, w, [k.shape[2:] for k in kernels])
                 inmap_eval = cross_in_map_macs(batch, c, h, w, m, SHORT)  # the folded bands' cross
                 for phase in args.phases:
-                    fns = make_fns(x, kernels, phase)
-                    if dt == 'float32':  # the GEMM rate, timed in every repeat next to the unit (see the docstring)
+                    fns = make_fns(x, kernels, phase, getattr(torch, dt) if args.autocast else None)
+                    if label == 'float32':  # the GEMM rate, timed in every repeat next to the unit (see the docstring)
                         fns['gemm'] = lambda: ga @ gb
                     if phase == 'eval_sum':  # one pass over the activations in the same cache state (see bound below)
                         fns['pass'] = lambda: torch.relu(x_pass)
@@ -186,24 +209,24 @@ def main() -> None:
                     work_in_map = inmap_eval if phase == 'eval_sum' else inmap * times
                     gfs = 2 * work / total['ours'] / 1e9
                     # per repeat: (unit GF/s) / (GEMM GF/s) = work / GEMM work * t_gemm / t_ours
-                    gemm_ratio = paired_ratio(samples, 'gemm', 'ours')[0] if dt == 'float32' else None
+                    gemm_ratio = paired_ratio(samples, 'gemm', 'ours')[0] if label == 'float32' else None
                     frac_gemm = work / GEMM_N ** 3 * gemm_ratio if gemm_ratio else None
                     frac_in_map = work_in_map / GEMM_N ** 3 * gemm_ratio if gemm_ratio else None
                     bound = None
                     if gemm_ratio and 'pass' in total:  # in-map work at the GEMM rate, then one activation pass
                         t_arith = work_in_map / GEMM_N ** 3 * total['gemm']
                         bound = t_arith / (t_arith + total['pass'])
-                    row = dict(input=size, stage=si, shape=[batch, c, h, w], dtype=dt, phase=phase,
+                    row = dict(input=size, stage=si, shape=[batch, c, h, w], dtype=label, phase=phase,
                                ours_impl=resolve_impl('auto', x),  # on CUDA: 'triton' unless Triton is missing
                                ms={k: v * 1e3 for k, v in total.items()}, speedup_vs=vs_ours, gflops_ours=gfs,
                                frac_gemm=frac_gemm, frac_gemm_in_map=frac_in_map, macs=work,
                                macs_in_map=work_in_map, frac_gemm_in_map_bound=bound)
                     rows.append(row)
-                    frac = (f'{100 * frac_gemm:.0f}% | {100 * frac_in_map:.0f}%' if dt == 'float32'
+                    frac = (f'{100 * frac_gemm:.0f}% | {100 * frac_in_map:.0f}%' if label == 'float32'
                             else '– | –')
                     frac += f' | {100 * bound:.0f}%' if bound is not None else ' | –'
                     onednn = f'{vs_ours["onednn"]:.2f}' if 'onednn' in vs_ours else '–'
-                    print(f'| {size} | {si} | {batch}×{c}×{h}×{w} | {dt} | {phase} | {total["ours"] * 1e3:.2f} | '
+                    print(f'| {size} | {si} | {batch}×{c}×{h}×{w} | {label} | {phase} | {total["ours"] * 1e3:.2f} | '
                           f'{total["nchw"] * 1e3:.2f} | {total["cl"] * 1e3:.2f} | '
                           f'{vs_ours["nchw"]:.2f} | {vs_ours["cl"]:.2f} | {onednn} | {gfs:.1f} | '
                           f'{frac} |', flush=True)
