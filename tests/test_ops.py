@@ -69,14 +69,16 @@ def test_clipping_removes_only_padding_taps():
     (dict(w_device='meta'), ValueError, 'different devices'),  # a second device without needing a GPU
     (dict(bias=(3,)), ValueError, r'bias must have shape \(4,\)'),
 ])
-@pytest.mark.parametrize('grad', [True, False])
-def test_bad_input_raises(args, err, match, grad):
-    # without gradients, with the C++ CPU kernel loaded: its one-call fast path must hand bad input back to the checks
+@pytest.mark.parametrize('grad,autocast', [(True, False), (False, False), (False, True)])
+def test_bad_input_raises(args, err, match, grad, autocast):
+    # without gradients (and under CPU bfloat16 autocast), with the C++ CPU kernel loaded: its one-call fast path
+    # must hand bad input back to the checks
     assert load_cpu_kernel() is not None
     x = torch.zeros(args.get('x', (1, 4, 8, 8)), dtype=args.get('x_dtype', torch.float32))
     w = torch.zeros(args.get('w', (4, 1, 3, 3)), device=args.get('w_device', 'cpu'))
     bias = torch.zeros(args['bias']) if 'bias' in args else None
-    with pytest.raises(err, match=match), torch.set_grad_enabled(grad):
+    with pytest.raises(err, match=match), torch.set_grad_enabled(grad), \
+            torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
         dwconv2d(x, w, bias, impl=args.get('impl', 'auto'))
 
 
