@@ -310,6 +310,12 @@ def _cpu_f32_inference(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: O
             return False
     if x.device.type != 'cpu' or x.numel() == 0 or torch.is_autocast_enabled('cpu'):
         return False
+    return _inference_call(x, weights, bias)
+
+
+def _inference_call(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
+    """No gradient needed, not tracing / exporting / compiling: where an op without a backward, opaque to exporters,
+    may run."""
     if torch.is_grad_enabled():
         if x.requires_grad or (bias is not None and bias.requires_grad):
             return False
@@ -345,9 +351,7 @@ def cpu_kernel_autocast_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor],
         return None
     if any(t.dtype is not torch.float32 for t in (*weights, *(() if bias is None else (bias,)))):
         return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *(() if bias is None else (bias,)))):
-        return None
-    if _exporting() or torch.compiler.is_compiling() or not cpu_fusion_enabled('dwconv_kernel'):
+    if not (_inference_call(x, weights, bias) and cpu_fusion_enabled('dwconv_kernel')):
         return None
     return dtype if load_cpu_kernel() is not None else None
 

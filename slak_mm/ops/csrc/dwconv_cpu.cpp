@@ -547,11 +547,11 @@ void block_rows(const Geometry& g, const float* P, const float* K, vf bias, vf* 
   }
 }
 
-// x, out: element types per `in` and out_bf16 (float or bfloat16); with round_params the kernels' taps and the bias
-// are rounded to bfloat16 first (CPU autocast inference, where autocast rounds a convolution's weights).
-void run(const void* x, In in, void* out, bool out_bf16, const Unit& u, const float* bias, int64_t bias_stride,
-         bool round_params, int B, int C, int H, int W) {
-  const size_t x_esize = in == In::kBf16 ? 2 : 4, o_esize = out_bf16 ? 2 : 4;
+// x: float or bfloat16 per `in`; out: float, or with bf16 bfloat16, and then the kernels' taps and the bias are
+// rounded to bfloat16 first (CPU autocast inference, where autocast rounds a convolution's weights).
+void run(const void* x, In in, void* out, bool bf16, const Unit& u, const float* bias, int64_t bias_stride, int B,
+         int C, int H, int W) {
+  const size_t x_esize = in == In::kBf16 ? 2 : 4, o_esize = bf16 ? 2 : 4;
   const std::vector<KernelView>& ws = u.views;
   const std::vector<int>& khs = u.khs;
   const std::vector<int>& kws = u.kws;
@@ -654,7 +654,7 @@ void run(const void* x, In in, void* out, bool out_bf16, const Unit& u, const fl
               for (int j = 0; j < kv.kw; ++j) {
                 const float* wij = w + i * kv.sh + j * kv.sw;
                 vf v = nc == L ? lanes_of(wij, kv.sc, Lanes{}) : lanes_of(wij, kv.sc, nc, Lanes{});
-                if (round_params) v = round_bf16(v);
+                if (bf16) v = round_bf16(v);
                 Ki[j] = folded ? Ki[j] + v : v;
               }
             }
@@ -672,7 +672,7 @@ void run(const void* x, In in, void* out, bool out_bf16, const Unit& u, const fl
       vf bv = vf{};
       if (bias != nullptr)
         for (int l = 0; l < nc; ++l) bv[l] = bias[(cb * L + l) * bias_stride];
-      if (round_params) bv = round_bf16(bv);
+      if (bf16) bv = round_bf16(bv);
 
       // 2 and 3: output rows, accumulated in A[Wr] from the bias, then written
       vf* A = reinterpret_cast<vf*>(abuf.get(static_cast<size_t>(kRows) * L * Wr));
@@ -681,12 +681,12 @@ void run(const void* x, In in, void* out, bool out_bf16, const Unit& u, const fl
                                ? static_cast<const char*>(x) + offset_of(job + 1) * x_esize
                                : nullptr;
       switch (g.T) {
-        case 4: block_rows<4>(g, P, K, bv, A, ob, out_bf16, nc, next_x, x_esize, pk); break;
-        case 5: block_rows<5>(g, P, K, bv, A, ob, out_bf16, nc, next_x, x_esize, pk); break;
-        case 6: block_rows<6>(g, P, K, bv, A, ob, out_bf16, nc, next_x, x_esize, pk); break;
-        case 7: block_rows<7>(g, P, K, bv, A, ob, out_bf16, nc, next_x, x_esize, pk); break;
+        case 4: block_rows<4>(g, P, K, bv, A, ob, bf16, nc, next_x, x_esize, pk); break;
+        case 5: block_rows<5>(g, P, K, bv, A, ob, bf16, nc, next_x, x_esize, pk); break;
+        case 6: block_rows<6>(g, P, K, bv, A, ob, bf16, nc, next_x, x_esize, pk); break;
+        case 7: block_rows<7>(g, P, K, bv, A, ob, bf16, nc, next_x, x_esize, pk); break;
         default:
-          if constexpr (kMaxTile == 8) block_rows<8>(g, P, K, bv, A, ob, out_bf16, nc, next_x, x_esize, pk);
+          if constexpr (kMaxTile == 8) block_rows<8>(g, P, K, bv, A, ob, bf16, nc, next_x, x_esize, pk);
           break;
       }
     }
@@ -696,7 +696,7 @@ void run(const void* x, In in, void* out, bool out_bf16, const Unit& u, const fl
 // A plain strided CPU tensor of this dtype (default float32): no subclass (FakeTensor, functorch wrappers), no sparse /
 // quantized / conj / neg views. Its dispatch keys are a subset of an ordinary CPU tensor's (inference tensors have
 // fewer).
-bool plain_f32_cpu(const at::Tensor& t, at::ScalarType dtype = at::kFloat) {
+bool plain_cpu(const at::Tensor& t, at::ScalarType dtype = at::kFloat) {
   static const c10::DispatchKeySet ordinary({c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
                                              c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU});
   return t.defined() && t.scalar_type() == dtype && t.layout() == at::kStrided && t.device().is_cpu() &&
@@ -751,7 +751,7 @@ torch::Tensor run_unit(const at::Tensor& x, const std::vector<at::Tensor>& weigh
   const In in = !bf16 ? In::kF32 : x.scalar_type() == at::kBFloat16 ? In::kBf16 : In::kF32RoundedToBf16;
   if (out.numel() > 0)
     run(x.data_ptr(), in, out.data_ptr(), bf16, u, bias ? bias->data_ptr<float>() : nullptr,
-        bias ? bias->stride(0) : 0, bf16, B, C, H, W);
+        bias ? bias->stride(0) : 0, B, C, H, W);
   return out;
 }
 
@@ -808,7 +808,7 @@ py::object dwconv_sum_auto(py::handle x_obj, py::handle weights_obj, py::handle 
   const at::Tensor& x = THPVariable_Unpack(x_obj.ptr());
   const bool bf16 = at::autocast::is_autocast_enabled(at::kCPU);
   if (bf16 && at::autocast::get_autocast_dtype(at::kCPU) != at::kBFloat16) return py::none();
-  if (!(plain_f32_cpu(x) || (bf16 && plain_f32_cpu(x, at::kBFloat16))) || x.dim() != 4 || x.numel() == 0 ||
+  if (!(plain_cpu(x) || (bf16 && plain_cpu(x, at::kBFloat16))) || x.dim() != 4 || x.numel() == 0 ||
       torch::jit::tracer::isTracing() || !eager_dispatch())
     return py::none();
   const bool grad = at::GradMode::is_enabled();
@@ -822,7 +822,7 @@ py::object dwconv_sum_auto(py::handle x_obj, py::handle weights_obj, py::handle 
     PyObject* o = PySequence_Fast_GET_ITEM(weights_obj.ptr(), k);  // list or tuple
     if (!THPVariable_CheckExact(o)) return py::none();
     const at::Tensor& w = THPVariable_Unpack(o);
-    if (!plain_f32_cpu(w) || !unit_kernel_shape(w, x.size(1)) || (grad && w.requires_grad()))
+    if (!plain_cpu(w) || !unit_kernel_shape(w, x.size(1)) || (grad && w.requires_grad()))
       return py::none();
     weights.push_back(w);
   }
@@ -830,7 +830,7 @@ py::object dwconv_sum_auto(py::handle x_obj, py::handle weights_obj, py::handle 
   if (!bias_obj.is_none()) {
     if (!THPVariable_CheckExact(bias_obj.ptr())) return py::none();
     bias = THPVariable_Unpack(bias_obj.ptr());
-    if (!plain_f32_cpu(bias) || bias.dim() != 1 || bias.size(0) != x.size(1) || (grad && bias.requires_grad()))
+    if (!plain_cpu(bias) || bias.dim() != 1 || bias.size(0) != x.size(1) || (grad && bias.requires_grad()))
       return py::none();
   }
   at::Tensor out;
