@@ -4,6 +4,7 @@ Every result is compared with a float64 F.conv2d sum (independent reference), to
 magnitude (float32 accumulation over up to ~520 taps). The kernel is built on first use; on this project's machines
 (and CI) a C++ compiler is present, so a failed build fails these tests rather than skipping them.
 """
+import contextlib
 import os
 import platform
 import re
@@ -563,3 +564,125 @@ def test_backbone_inference_takes_the_fast_path(kernel_calls, monkeypatch):
     for a, b, c in zip(ref, out, deployed):
         assert torch.equal(a, b)
         torch.testing.assert_close(c, a, rtol=0, atol=1e-5)
+
+
+# torch.compile: the compiled model's CPU inference keeps the kernel, as torch.ops.slak_mm.dwconv_sum_cpu.
+
+COMPILE_OP = 'slak_mm.dwconv_sum_cpu'
+
+
+@pytest.mark.parametrize('shape,kernels,with_bias,channels_last', [
+    ((1, 124, 16, 20), [(51, 5), (5, 51)], True, False),    # SLaK-T stage-0 width, bands clipped to the map
+    ((2, 17, 9, 13), [(7, 3), (3, 11)], False, True),      # batch 2, a 1-channel tail, no bias
+    ((1, 16, 1, 1), [(13, 5), (5, 13)], True, True)])      # 1×1 map: channels_last strides are ambiguous there
+@pytest.mark.parametrize('dtype,x_dtype', [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                           (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_compile_op_matches_the_kernel_and_its_fake(shape, kernels, with_bias, channels_last, dtype, x_dtype,
+                                                    kernel_calls):
+    """The op torch.compile puts in its graphs: torch.library.opcheck (schema, the fake tensor's shape, dtype and
+    strides against the real output's, no aliasing) and the kernel's own result: float32 within 1e-5 of the float64
+    sum, the autocast dtypes bit-equal to the eager dwconv2d_sum under autocast."""
+    x, ws, b = random_unit(shape, kernels, with_bias, channels_last)
+    x = x.to(x_dtype)
+    op = torch.ops.slak_mm.dwconv_sum_cpu
+    torch.library.opcheck(op, (x, ws, b, dtype))
+    start = len(kernel_calls)
+    out = op(x, ws, b, dtype)
+    assert len(kernel_calls) > start and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    if dtype is torch.float32:
+        assert _close(out, float64_sum(x, ws, b))
+    else:
+        with torch.no_grad(), torch.autocast('cpu', dtype=dtype):
+            assert torch.equal(out, dwconv2d_sum(x, ws, b))
+
+
+def _small_slak():
+    from slak_mm.models import SLaK
+    torch.manual_seed(0)
+    return SLaK(dict(depths=[1, 1, 2, 1], dims=[16, 24, 40, 56]), kernel_size=[31, 29, 27, 13, 5]).eval()
+
+
+def _dynamo_graph_ops(fn, *args):
+    """``fn(*args)`` compiled by dynamo with a backend that records the graphs' calls (and runs them as they are, no
+    inductor): (result, names of the called functions / ops)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == 'call_function')
+        return gm.forward
+    torch._dynamo.reset()
+    try:
+        return torch.compile(fn, backend=backend)(*args), seen
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize('mode', ['eval', 'deploy', 'bf16_autocast', 'gradients', 'kernel_off'])
+def test_compiled_backbone_graph_calls_the_kernel_op_only_where_eager_runs_the_kernel(mode, kernel_calls):
+    """Under torch.compile, each large-kernel unit of SLaK's CPU inference is one call of the kernel's op (5 blocks:
+    5 calls), in eval and deployed form and under bfloat16 autocast, with the eager model's results; where the eager
+    model does not run the kernel (gradients needed, the kernel switched off), neither does the graph."""
+    model, x = _small_slak(), torch.randn(1, 3, 64, 96)
+    if mode == 'deploy':
+        model.switch_to_deploy()
+    grad = torch.enable_grad() if mode == 'gradients' else torch.no_grad()
+    amp = torch.autocast('cpu', dtype=torch.bfloat16, enabled=mode == 'bf16_autocast')
+    off = cpu_fusions_disabled('dwconv_kernel') if mode == 'kernel_off' else contextlib.nullcontext()
+    with grad, amp, off:
+        ref = model(x)
+        out, ops = _dynamo_graph_ops(model, x)
+    expected = 0 if mode in ('gradients', 'kernel_off') else 5
+    assert sum(COMPILE_OP in name for name in ops) == expected, ops
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 if mode != 'bf16_autocast' else 1e-2)
+
+
+def test_compiling_before_the_kernel_is_loaded_keeps_one_graph():
+    """The first unit torch.compile traces loads (here: builds or loads from the cache) the kernel without tracing
+    into the build: one graph, no break, every unit the kernel's op."""
+    cpu_kernel.forget_cpu_kernel()
+    model, x = _small_slak(), torch.randn(1, 3, 64, 96)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            explained = torch._dynamo.explain(model)(x)
+    finally:
+        torch._dynamo.reset()
+    assert cpu_kernel.loaded_cpu_kernel() is not None
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == 'call_function']
+    assert sum(COMPILE_OP in name for name in ops) == 5
+
+
+def test_torch_export_keeps_standard_ops():
+    """torch.export (an exportable program: no slak_mm op) runs the torch path, even with gradients off, and its
+    program gives the eager results."""
+    if getattr(torch.compiler, 'is_exporting', None) is None:
+        pytest.skip('torch < 2.7: torch.compile does not call the op either (cannot tell it from torch.export)')
+    model, x = _small_slak(), torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        ops = [str(n.target) for n in program.graph.nodes if n.op == 'call_function']
+        assert not [name for name in ops if 'slak_mm' in name] and any('conv2d' in name for name in ops)
+        for a, b in zip(program.module()(x), model(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_inductor_compiled_backbone_runs_the_kernel(kernel_calls):
+    """The default torch.compile (inductor) of SLaK's CPU inference: the kernel runs once per block per call and the
+    outputs equal the eager model's within 1e-5 (the fake tensor's layout is what inductor plans the next ops for)."""
+    model, x = _small_slak(), torch.randn(1, 3, 64, 96)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            ref = model(x)
+            compiled(x)
+            start = len(kernel_calls)
+            out = compiled(x)
+            assert len(kernel_calls) - start == 5
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -174,3 +174,23 @@ def test_benchmark_reference_execution_runs_three_branches_and_computes_the_same
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
     with pytest.raises(ValueError, match='training form'):
         benchmark.ReferenceExecution(benchmark.build('slak_t_deploy', torch.device('cpu')))
+
+
+def test_benchmark_compiled_names_compile_the_named_model():
+    # tools/benchmark.py: NAME_compiled times torch.compile(NAME), NAME_frozen with inductor's freezing; not run here (compiling SLaK-T takes ~20 s; the
+    # compiled path's results are tested on a small SLaK in test_cpu_kernel.py).
+    import os.path as osp
+    import sys
+    sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
+    import benchmark
+    from slak_mm.models import SLaK
+    import torch._inductor.config as inductor_config
+    compiled = benchmark.build('slak_t_deploy_compiled', torch.device('cpu'))
+    frozen = benchmark.build('slak_t_deploy_frozen', torch.device('cpu'))
+    for model in (compiled, frozen.compiled):
+        assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+        assert isinstance(model._orig_mod, SLaK) and model._orig_mod.deploy
+    seen = []
+    frozen.compiled.forward = lambda x: seen.append(inductor_config.freezing)
+    frozen(None)
+    assert seen == [True] and not inductor_config.freezing

@@ -9,7 +9,10 @@ convnext_tiny_fused (timm's ConvNeXt-T with the CPU inference MLP fusion and cha
 a like-for-like baseline), or a config path (its backbone); any name + '_unfused' runs that model with the CPU
 inference fusions off (slak_mm.ops.cpu_fusion: the MLP's and the band sum's), + '_unfused_mlp' or
 '_unfused_conv_add' only that one; slak_t_ref (slak_s_ref, slak_b_ref) runs SLaK the reference's way (three
-nn.Conv2d + BN branches, no folding or fusion, whole model channels_last).
+nn.Conv2d + BN branches, no folding or fusion, whole model channels_last); any name + '_compiled' (last) runs that
+model through torch.compile (inductor, default mode, static shapes: one graph per input size, compiled on the untimed
+warm-up call), + '_frozen' the same with inductor's freezing (``torch._inductor.config.freezing``: weights folded in as
+constants, PyTorch's advice for CPU inference).
 Default: slak_t slak_t_deploy convnext_tiny, plus convnext_tiny_fused on CPU and slak_t_torch on CUDA. Inputs are
 plain NCHW tensors, as a user passes them. Reports inference images/s and time per batch (gradients off), optionally
 the training-step time (forward + backward + SGD step), and peak memory on CUDA; ratios are against the last model
@@ -69,11 +72,29 @@ class ReferenceExecution(torch.nn.Module):
             return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
+class Frozen(torch.nn.Module):
+    """torch.compile of the wrapped model with inductor's freezing on while it compiles (the global setting:
+    ``torch.compile(..., options={'freezing': True})`` does not freeze, measured with torch 2.14)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.compiled = torch.compile(model, dynamic=False)
+
+    def forward(self, x):
+        import torch._inductor.config as inductor_config
+        with inductor_config.patch(freezing=True):
+            return self.compiled(x)
+
+
 def _branch_sum(self, x):
     return sum(b(x) for b in self.branches())
 
 
 def build(name: str, device: torch.device) -> torch.nn.Module:
+    if name.endswith('_compiled'):  # compiled on the warm-up call (outside the timings), for each size's own shapes
+        return torch.compile(build(name[:-len('_compiled')], device), dynamic=False)
+    if name.endswith('_frozen'):
+        return Frozen(build(name[:-len('_frozen')], device))
     if name.endswith('_ref'):
         return ReferenceExecution(build(name[:-len('_ref')] + '_torch', device))
     if '_unfused' in name:  # NAME_unfused: every CPU fusion off; NAME_unfused_FUSION (e.g. _unfused_conv_add): one

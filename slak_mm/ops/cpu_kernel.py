@@ -15,6 +15,8 @@ cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), 
 do not share a binary. Where it cannot be built, :func:`load_cpu_kernel` warns once, naming the fix, and the oneDNN
 path runs instead: same results to float32 rounding, only slower. ``SLAK_MM_CPU_KERNEL=0`` turns it off (no build,
 no warning); :func:`slak_mm.ops.cpu_fusion.cpu_fusions_disabled` ``('dwconv_kernel')`` does so for a block of code.
+Under ``torch.compile`` it runs as the op ``torch.ops.slak_mm.dwconv_sum_cpu`` (:mod:`.dwconv`), which the compiled
+graph calls where the eager model would call the kernel.
 """
 import os
 import re
@@ -75,6 +77,13 @@ def load_cpu_kernel() -> Optional[ModuleType]:
     if _kernel is _NOT_LOADED:
         _kernel = _load()
     return _kernel
+
+
+@torch.compiler.assume_constant_result
+def cpu_kernel_built() -> bool:
+    """Whether :func:`load_cpu_kernel` gives a kernel (building it on the first call). A constant to
+    ``torch.compile``, which calls it once while it traces instead of tracing into the build."""
+    return load_cpu_kernel() is not None
 
 
 def loaded_cpu_kernel() -> Optional[ModuleType]:

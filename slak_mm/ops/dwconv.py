@@ -14,7 +14,8 @@ Semantics are exactly ``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), gr
              runs them there, with the weight gradient in float32). In CPU float32 inference, and in CPU autocast
              inference, :func:`dwconv2d_sum` (and so :func:`dwconv2d`) runs slak_mm's own C++ kernel instead of
              oneDNN (:mod:`.cpu_kernel`, built on first use; ``SLAK_MM_CPU_KERNEL=0`` or
-             ``cpu_fusions_disabled('dwconv_kernel')`` turn it off).
+             ``cpu_fusions_disabled('dwconv_kernel')`` turn it off), also inside ``torch.compile`` graphs, as the
+             op ``torch.ops.slak_mm.dwconv_sum_cpu`` (not while tracing or exporting: standard ops only there).
 ``'triton'`` the Triton kernels of :mod:`slak_mm.ops.triton_dwconv` (CUDA tensors; CPU tensors only under Triton's
              interpreter, ``TRITON_INTERPRET=1``, which the tests use).
 ``'auto'``   Triton for CUDA tensors when Triton is installed, the torch path otherwise (and while tracing/exporting).
@@ -34,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from .cpu_fusion import _disabled as _disabled_fusions
 from .cpu_fusion import cpu_fusion_enabled
-from .cpu_kernel import load_cpu_kernel, loaded_cpu_kernel
+from .cpu_kernel import cpu_kernel_built, loaded_cpu_kernel
 
 IMPLS = ('auto', 'torch', 'triton')
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -73,8 +74,15 @@ def triton_available() -> bool:
     return True
 
 
+# torch.export, which torch.compiler.is_exporting (torch >= 2.7) tells apart from torch.compile; both are "compiling"
+_torch_exporting = getattr(torch.compiler, 'is_exporting', None)
+
+
 def _exporting() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    """Tracing (``torch.jit.trace``), exporting to ONNX, or ``torch.export``: the graph must hold standard ops only.
+    ``torch.compile`` is not exporting: its graphs may call slak_mm's own ops (:func:`_inference_call`)."""
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or (_torch_exporting is not None and _torch_exporting()))
 
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
@@ -298,8 +306,8 @@ def transposed_kernels(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> List
 
 
 def _cpu_f32_inference(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
-    """CPU float32 with no gradient needed, no autocast, not tracing / exporting / compiling: where the CPU
-    inference fast paths (which have no backward and are opaque to exporters) may run."""
+    """CPU float32 with no gradient needed, no autocast, not tracing / exporting: where the CPU inference fast paths
+    (which have no backward and are opaque to exporters) may run."""
     # Written as plain loops, cheapest test first: it runs before every CPU unit the C++ fast path does not take (the
     # kernel off or not built: the oneDNN path), right after the MLP's GEMMs have evicted the interpreter's working
     # set, where each Python step costs ~10x its warm time (measured).
@@ -314,15 +322,19 @@ def _cpu_f32_inference(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: O
 
 
 def _inference_call(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
-    """No gradient needed, not tracing / exporting / compiling: where an op without a backward, opaque to exporters,
-    may run."""
+    """No gradient needed, not tracing / exporting: where an op without a backward, opaque to exporters, may run.
+    Under ``torch.compile`` too (as ``torch.ops.slak_mm.dwconv_sum_cpu``), except on torch < 2.7, which cannot tell
+    ``torch.compile`` from ``torch.export`` (nor can the versions whose ``is_exporting()`` is also true under
+    ``torch.compile``, pytorch#176347, fixed in March 2026: there compiled models keep oneDNN's convolutions)."""
     if torch.is_grad_enabled():
         if x.requires_grad or (bias is not None and bias.requires_grad):
             return False
         for w in weights:
             if w.requires_grad:
                 return False
-    return not (_exporting() or torch.compiler.is_compiling())
+    if _torch_exporting is None and torch.compiler.is_compiling():
+        return False
+    return not _exporting()
 
 
 def cpu_kernel_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
@@ -331,14 +343,14 @@ def cpu_kernel_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: O
     call that gets this far)."""
     if not (_cpu_f32_inference(x, weights, bias) and cpu_fusion_enabled('dwconv_kernel')):
         return False
-    return load_cpu_kernel() is not None
+    return cpu_kernel_built()
 
 
 def cpu_kernel_autocast_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor],
                               bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
     """The autocast dtype when :func:`dwconv2d_sum` runs CPU autocast inference on slak_mm's C++ kernel, else None.
 
-    Under CPU autocast (bfloat16 or float16) with no gradient needed, not tracing / exporting / compiling, a float32 or
+    Under CPU autocast (bfloat16 or float16) with no gradient needed, not tracing / exporting, a float32 or
     autocast-dtype input and float32 kernels and bias (the ``'dwconv_kernel'`` switch on and the kernel built): the
     operands are rounded to the autocast dtype, as autocast's ``F.conv2d`` rounds them, the products summed in float32
     by the C++ kernel and the sum rounded once to the autocast dtype (oneDNN's bf16 convolutions also accumulate in
@@ -353,7 +365,39 @@ def cpu_kernel_autocast_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor],
         return None
     if not (_inference_call(x, weights, bias) and cpu_fusion_enabled('dwconv_kernel')):
         return None
-    return dtype if load_cpu_kernel() is not None else None
+    return dtype if cpu_kernel_built() else None
+
+
+def cpu_kernel_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                     bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    """The result's dtype where :func:`dwconv2d_sum` runs slak_mm's C++ CPU kernel: float32
+    (:func:`cpu_kernel_applies`) or the autocast dtype (:func:`cpu_kernel_autocast_dtype`); None elsewhere."""
+    if cpu_kernel_applies(x, weights, bias):
+        return torch.float32
+    return cpu_kernel_autocast_dtype(x, weights, bias)
+
+
+def _cpu_kernel_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The C++ kernel's sum where :func:`cpu_kernel_dtype` gave ``dtype``: channels_last, ``dtype``."""
+    if dtype is torch.float32:
+        from .cpu_kernel import cpu_dwconv_sum
+        return cpu_dwconv_sum(_channels_last(x), list(weights), bias)  # clips the kernels to the map itself
+    return _cpu_autocast_dwconv_sum(x, weights, bias, dtype)
+
+
+@torch.library.custom_op('slak_mm::dwconv_sum_cpu', mutates_args=())
+def _dwconv_sum_cpu_op(x: torch.Tensor, weights: List[torch.Tensor], bias: Optional[torch.Tensor],
+                       dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_cpu_kernel_sum` as an op ``torch.compile`` keeps in its graphs (``torch.ops.slak_mm.dwconv_sum_cpu``):
+    a compiled model's CPU inference runs the C++ kernel as the eager model does, not oneDNN's convolutions. No
+    backward (called only where no gradient is needed); not used while exporting (:func:`_exporting`)."""
+    return _cpu_kernel_sum(x, weights, bias, dtype)
+
+
+@_dwconv_sum_cpu_op.register_fake
+def _(x, weights, bias, dtype):
+    return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
 
 
 def _cpu_autocast_dwconv_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
@@ -382,7 +426,7 @@ def fused_sum_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Op
     (:func:`slak_mm.ops.cpu_fusion.cpu_fusions_disabled`). Same products as the separate convolutions and add; only
     the order of the final additions may differ (float32 rounding).
     """
-    return (len(weights) >= 2 and _cpu_f32_inference(x, weights, bias)
+    return (len(weights) >= 2 and _cpu_f32_inference(x, weights, bias) and not torch.compiler.is_compiling()
             and cpu_fusion_enabled('conv_add', '_convolution_pointwise'))
 
 
@@ -494,12 +538,11 @@ def dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optiona
         from .triton_dwconv import dwconv_branches
         x, (b, *ws) = _autocast(x, [bias, *weights])
         return dwconv_branches(x, ws, b, sum_outputs=True)
-    if cpu_kernel_applies(x, weights, bias):
-        from .cpu_kernel import cpu_dwconv_sum
-        return cpu_dwconv_sum(_channels_last(x), list(weights), bias)  # clips the kernels to the map itself
-    autocast_dtype = cpu_kernel_autocast_dtype(x, weights, bias)
-    if autocast_dtype is not None:
-        return _cpu_autocast_dwconv_sum(x, weights, bias, autocast_dtype)
+    dtype = cpu_kernel_dtype(x, weights, bias)
+    if dtype is not None:
+        if torch.compiler.is_compiling():
+            return torch.ops.slak_mm.dwconv_sum_cpu(x, list(weights), bias, dtype)
+        return _cpu_kernel_sum(x, weights, bias, dtype)
     if fused_sum_applies(x, weights, bias):
         return _fused_dwconv_sum(x, weights, bias)
     outs = _torch_dwconvs(x, weights, bias, allow_transpose=True)
