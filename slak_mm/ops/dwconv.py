@@ -547,8 +547,10 @@ def dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optiona
         return _fused_dwconv_sum(x, weights, bias)
     outs = _torch_dwconvs(x, weights, bias, allow_transpose=True)
     # Start from an output in the result's layout (a transposed band comes back as a transposed view): the sum then
-    # keeps that layout and the final conversion is a no-op.
-    outs.sort(key=lambda y: not y.is_contiguous(memory_format=torch.channels_last))
+    # keeps that layout and the final conversion is a no-op. (Two comprehensions, not a sort with a key function,
+    # which torch 2.5's torch.compile / torch.export cannot trace: 16 graph breaks in SLaK, no export.)
+    cl = [y.is_contiguous(memory_format=torch.channels_last) for y in outs]
+    outs = [y for y, c in zip(outs, cl) if c] + [y for y, c in zip(outs, cl) if not c]
     out = outs[0]
     for y in outs[1:]:
         out = out + y
