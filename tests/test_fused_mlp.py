@@ -177,8 +177,9 @@ def test_benchmark_reference_execution_runs_three_branches_and_computes_the_same
 
 
 def test_benchmark_compiled_names_compile_the_named_model():
-    # tools/benchmark.py: NAME_compiled times torch.compile(NAME), NAME_frozen with inductor's freezing; not run here (compiling SLaK-T takes ~20 s; the
-    # compiled path's results are tested on a small SLaK in test_cpu_kernel.py).
+    # tools/benchmark.py: NAME_compiled times torch.compile(NAME), NAME_frozen with inductor's freezing on while it
+    # compiles. Not run here (compiling SLaK-T takes ~20 s); the compiled path's results are tested on a small SLaK in
+    # test_cpu_kernel.py.
     import os.path as osp
     import sys
     sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
