@@ -291,3 +291,27 @@ def test_benchmark_sizes_parse_hxw_and_reject_bad_ones_before_timing():
                               cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
         assert proc.returncode == 2 and "'800by1344'" in proc.stderr and 'HxW' in proc.stderr, proc.stderr[-2000:]
         assert '|' not in proc.stdout  # no table: nothing was timed
+
+
+def test_backbone_benchmark_dtype_runs_the_models_in_that_dtype(monkeypatch, tmp_path):
+    # --dtype bfloat16: models and input converted (no autocast), recorded in the JSON; with --amp it is refused.
+    sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    import benchmark
+    seen = []
+    real_build = benchmark.build
+
+    def build(name, device):
+        model = real_build(name, device)
+        model.register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, next(m.parameters()).dtype)))
+        return model
+    monkeypatch.setattr(benchmark, 'build', build)
+    out = tmp_path / 'b.json'
+    monkeypatch.setattr(sys, 'argv', ['benchmark.py', 'slak_t', '--sizes', '32', '--repeats', '1', '--dtype',
+                                      'bfloat16', '--json', str(out)])
+    benchmark.main()
+    payload = json.loads(out.read_text())
+    assert payload['dtype'] == 'bfloat16' and payload['complete'] and len(payload['results']) == 1
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    proc = subprocess.run([sys.executable, 'tools/benchmark.py', '--amp', '--dtype', 'bfloat16'], capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert proc.returncode == 2 and 'not allowed with argument' in proc.stderr, proc.stderr[-2000:]

@@ -1,6 +1,7 @@
 """Backbone benchmark: SLaK vs timm ConvNeXt in the same run, on the same device.
 
-    python tools/benchmark.py [MODEL ...] [--sizes 224 512 800x1344] [--batch N] [--amp] [--train] [--quick]
+    python tools/benchmark.py [MODEL ...] [--sizes 224 512 800x1344] [--batch N] [--amp | --dtype bfloat16]
+                              [--train] [--quick]
                               [--json results.json]
 
 MODEL: slak_t | slak_s | slak_b (training form, conv_impl='auto': the fused Triton unit on CUDA), slak_t_torch
@@ -161,7 +162,10 @@ def main() -> None:
     parser.add_argument('--sizes', nargs='+', default=['224', '512'], help='N or HxW (e.g. 800x1344)')
     parser.add_argument('--batch', type=int, default=None,
                         help='default: 1 on CPU; 32 (224) / 8 (512) / 2 (larger) on GPU')
-    parser.add_argument('--amp', action='store_true', help='bf16 autocast (CPU and GPU)')
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument('--amp', action='store_true', help='bf16 autocast (CPU and GPU)')
+    precision.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], default='float32',
+                           help='the models and the input in this dtype (model.to(dtype), no autocast)')
     parser.add_argument('--train', action='store_true', help='also time a training step')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--quick', action='store_true', help='224 only, 3 repeats')
@@ -178,18 +182,19 @@ def main() -> None:
     if not args.models:
         args.models = (['slak_t', 'slak_t_torch', 'slak_t_deploy'] if device.type == 'cuda' else
                        ['slak_t', 'slak_t_deploy', 'convnext_tiny_fused']) + ['convnext_tiny']
-    print(f'device: {dev}; torch {torch.__version__}; {"bf16 autocast" if args.amp else "fp32"}')
-    models = {n: build(n, device) for n in args.models}
+    dtype = getattr(torch, args.dtype)
+    print(f'device: {dev}; torch {torch.__version__}; {"bf16 autocast" if args.amp else args.dtype}')
+    models = {n: build(n, device).to(dtype) for n in args.models}
     base = args.models[-1]
     results = []
     # what conv_impl='auto' (slak_t) runs here: Triton on CUDA tensors when it is installed
-    payload = dict(device=dev, torch=torch.__version__, amp=args.amp, base=base, results=results,
+    payload = dict(device=dev, torch=torch.__version__, amp=args.amp, dtype=args.dtype, base=base, results=results,
                    dwconv_auto=resolve_impl('auto', torch.empty(1, device=device)),
                    command=' '.join(sys.argv))
     for h, w in sizes:
         size = size_label((h, w))
         batch = args.batch or (1 if device.type == 'cpu' else gpu_batch(h, w))
-        x = torch.randn(batch, 3, h, w, device=device)
+        x = torch.randn(batch, 3, h, w, device=device, dtype=dtype)
         ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
 
         def infer(m):

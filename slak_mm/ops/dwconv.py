@@ -14,8 +14,9 @@ Semantics are exactly ``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), gr
              runs them there, with the weight gradient in float32). In CPU float32 inference, and in CPU autocast
              inference, :func:`dwconv2d_sum` (and so :func:`dwconv2d`) runs slak_mm's own C++ kernel instead of
              oneDNN (:mod:`.cpu_kernel`, built on first use; ``SLAK_MM_CPU_KERNEL=0`` or
-             ``cpu_fusions_disabled('dwconv_kernel')`` turn it off), also inside ``torch.compile`` graphs, as the
-             op ``torch.ops.slak_mm.dwconv_sum_cpu`` (not while tracing or exporting: standard ops only there).
+             ``cpu_fusions_disabled('dwconv_kernel')`` turn it off); also for bfloat16 and float16 models (one
+             rounding of the float32 sum) and inside ``torch.compile`` graphs, as the op
+             ``torch.ops.slak_mm.dwconv_sum_cpu`` (not while tracing or exporting: standard ops only there).
 ``'triton'`` the Triton kernels of :mod:`slak_mm.ops.triton_dwconv` (CUDA tensors; CPU tensors only under Triton's
              interpreter, ``TRITON_INTERPRET=1``, which the tests use).
 ``'auto'``   Triton for CUDA tensors when Triton is installed, the torch path otherwise (and while tracing/exporting).
@@ -368,13 +369,32 @@ def cpu_kernel_autocast_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor],
     return dtype if cpu_kernel_built() else None
 
 
+def cpu_kernel_half_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                          bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    """The dtype when :func:`dwconv2d_sum` runs a bfloat16 or float16 model's CPU inference (no autocast) on slak_mm's
+    C++ kernel, else None: x, the kernels and the bias all of that dtype, no gradient needed, not tracing /
+    exporting (the ``'dwconv_kernel'`` switch on and the kernel built). The products of the operands are exact in
+    float32, summed in float32 and the sum rounded once to the dtype; oneDNN's convolutions in these dtypes round
+    each band's output, and the bands' sum, again."""
+    if x.device.type != 'cpu' or x.numel() == 0 or x.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    operands = (*weights, *(() if bias is None else (bias,)))
+    if torch.is_autocast_enabled('cpu') or any(t.dtype is not x.dtype for t in operands):
+        return None
+    if not (_inference_call(x, weights, bias) and cpu_fusion_enabled('dwconv_kernel')):
+        return None
+    return x.dtype if cpu_kernel_built() else None
+
+
 def cpu_kernel_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor],
                      bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
     """The result's dtype where :func:`dwconv2d_sum` runs slak_mm's C++ CPU kernel: float32
-    (:func:`cpu_kernel_applies`) or the autocast dtype (:func:`cpu_kernel_autocast_dtype`); None elsewhere."""
+    (:func:`cpu_kernel_applies`), the autocast dtype (:func:`cpu_kernel_autocast_dtype`) or a bfloat16 / float16
+    model's dtype (:func:`cpu_kernel_half_dtype`); None elsewhere."""
     if cpu_kernel_applies(x, weights, bias):
         return torch.float32
-    return cpu_kernel_autocast_dtype(x, weights, bias)
+    dtype = cpu_kernel_autocast_dtype(x, weights, bias)
+    return dtype if dtype is not None else cpu_kernel_half_dtype(x, weights, bias)
 
 
 def _cpu_kernel_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
@@ -402,12 +422,13 @@ def _(x, weights, bias, dtype):
 
 def _cpu_autocast_dwconv_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
                              dtype: torch.dtype) -> torch.Tensor:
-    """:func:`cpu_kernel_autocast_dtype`'s computation: operands rounded to ``dtype``, summed in float32, rounded.
-    bfloat16 inside the C++ kernel (it reads and writes bfloat16); float16 by rounding copies around the float32
-    kernel."""
+    """:func:`cpu_kernel_autocast_dtype`'s and :func:`cpu_kernel_half_dtype`'s computation: operands rounded to
+    ``dtype``, summed in float32, rounded. bfloat16 inside the C++ kernel (it reads and writes bfloat16; kernels and
+    bias in bfloat16 are widened to float32 first, exactly); float16 by rounding copies around the float32 kernel."""
     from .cpu_kernel import cpu_dwconv_sum, cpu_dwconv_sum_bf16
     if dtype is torch.bfloat16:
-        return cpu_dwconv_sum_bf16(_channels_last(x), list(weights), bias)
+        return cpu_dwconv_sum_bf16(_channels_last(x), [w.float() for w in weights],
+                                   None if bias is None else bias.float())
 
     def rounded(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype).float()
