@@ -562,21 +562,17 @@ def test_half_precision_model_inference_leaves_the_kernel_where_it_does_not_appl
 
 
 def test_bfloat16_backbone_inference_runs_the_kernel(kernel_calls):
-    """SLaK converted with .bfloat16(), eval mode: one kernel call per block, outputs within bfloat16 rounding of the
-    same model on oneDNN's path (the kernel off)."""
-    from slak_mm.models import SLaK
-    torch.manual_seed(0)
-    model = SLaK(dict(depths=[1, 1, 2, 1], dims=[16, 24, 40, 56]), kernel_size=[31, 29, 27, 13, 5]).eval().bfloat16()
-    x = torch.randn(1, 3, 64, 96).bfloat16()
+    """SLaK converted with .bfloat16(), eval mode: one kernel call per block, outputs within 2e-2 of the largest
+    output of the same model in float32 (bfloat16 rounding through 5 blocks measured 0.5-1%)."""
+    model, reference = _small_slak().bfloat16(), _small_slak()
+    x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        out = model(x)
+        out = model(x.bfloat16())
         assert len(kernel_calls) == 5
-        with cpu_fusions_disabled('dwconv_kernel'):
-            off = model(x)
-    assert len(kernel_calls) == 5
-    for a, b in zip(out, off):
+        expected = reference(x)
+    for a, b in zip(out, expected):
         assert a.dtype == torch.bfloat16
-        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0.1 * b.float().abs().max().item())
+        torch.testing.assert_close(a.float(), b, rtol=0, atol=2e-2 * b.abs().max().item())
 
 
 def test_concurrent_callers_get_their_own_results(kernel_calls):
@@ -675,9 +671,12 @@ def test_compile_op_matches_the_kernel_and_its_fake(shape, kernels, with_bias, c
 
 
 def _small_slak():
+    """A small SLaK in eval mode whose blocks' large-kernel branch counts: layer scale 1 (the default 1e-6 would leave
+    each block's output equal to its input to within 1e-6, whatever the unit computed)."""
     from slak_mm.models import SLaK
     torch.manual_seed(0)
-    return SLaK(dict(depths=[1, 1, 2, 1], dims=[16, 24, 40, 56]), kernel_size=[31, 29, 27, 13, 5]).eval()
+    return SLaK(dict(depths=[1, 1, 2, 1], dims=[16, 24, 40, 56]), kernel_size=[31, 29, 27, 13, 5],
+                layer_scale_init_value=1.0).eval()
 
 
 def _dynamo_graph_ops(fn, *args):
