@@ -598,13 +598,11 @@ def test_concurrent_callers_get_their_own_results(kernel_calls):
 
 def test_backbone_inference_takes_the_fast_path(kernel_calls, monkeypatch):
     # SLaK's eval (BN-folded) and deployed forwards hand every large-kernel unit to the one-call C++ path
-    from slak_mm.models import SLaK
     from slak_mm.ops import dwconv as dwconv_module
 
     def must_not_run(*args, **kwargs):
         raise AssertionError('a unit left the fast path')
-    torch.manual_seed(0)
-    model = SLaK(dict(depths=[1, 1, 2, 1], dims=[16, 24, 40, 56]), kernel_size=[31, 29, 27, 13, 5]).eval()
+    model = _small_slak()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         ref = model(x)
