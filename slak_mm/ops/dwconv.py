@@ -165,42 +165,16 @@ def fft_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kh: int, kw: int) -
     return corr[:, :kh, :kw].unsqueeze(1).to(x.dtype)
 
 
-class _CPUDepthwiseFFTWeightGrad(torch.autograd.Function):
-    """Forward and input gradient through oneDNN (channels_last); weight gradient by FFT (CPU, fp32/fp64)."""
+class _CPUDepthwise(torch.autograd.Function):
+    """One kernel on CPU whose weight needs its gradient, the weight gradient computed in the weight's own dtype: by
+    FFT (``fft``: oneDNN's depthwise weight gradient runs large kernels at a few % of the GEMM rate), else by oneDNN.
 
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        kh, kw = weight.shape[2:]
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        kh, kw = weight.shape[2:]
-        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1, 1], [kh // 2, kw // 2], [1, 1],
-                                                     False, [0, 0], x.shape[1], [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            dw = fft_weight_grad(x, grad_out, kh, kw)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = grad_out.sum((0, 2, 3))
-        return dx, dw, db
-
-
-class _CPUAutocastDepthwise(torch.autograd.Function):
-    """One kernel under CPU autocast, with a float32 weight that needs its gradient.
-
-    Forward and input gradient run as autocast runs ``F.conv2d``: ``x`` arrives in the autocast dtype, the weight and
-    bias are cast to it, and the output and ``dx`` are in it. The weight gradient is computed in float32 from the same
-    low-precision operands (FFT for a large kernel, else float32 oneDNN) and returned as float32: the gradient of the
-    same forward, not rounded to bfloat16. oneDNN's bfloat16 channels_last depthwise weight gradient takes 2-11x the
-    float32 paths' time at SLaK-T's stage 0-2 kernels (docs/benchmarks.md, "CPU autocast"), which made SLaK-T's CPU
-    training step under bf16 autocast 2.3x slower than in float32.
+    Forward and input gradient run as ``F.conv2d`` runs them, in ``x``'s dtype: under CPU autocast the caller passes
+    ``x`` in the autocast dtype and the weight and bias are cast to it, as autocast casts a convolution's operands.
+    The weight gradient is then computed in float32 from those low-precision operands and returned as float32 (the
+    gradient of the same forward, not rounded to bfloat16): oneDNN's bfloat16 channels_last depthwise weight gradient
+    takes 2-11x the float32 paths' time at SLaK-T's stage 0-2 kernels (docs/benchmarks.md, "CPU autocast"), which made
+    SLaK-T's CPU training step under bf16 autocast 2.3x slower than in float32. Gradients keep ``x``'s layout.
     """
 
     @staticmethod
@@ -208,7 +182,8 @@ class _CPUAutocastDepthwise(torch.autograd.Function):
         kh, kw = weight.shape[2:]
         w = weight.to(x.dtype)
         ctx.save_for_backward(x, w)
-        ctx.fft, ctx.has_bias = fft, bias is not None
+        ctx.fft, ctx.weight_dtype = fft, weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         with torch.autocast('cpu', enabled=False):
             return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), padding=(kh // 2, kw // 2),
                             groups=x.shape[1])
@@ -218,27 +193,24 @@ class _CPUAutocastDepthwise(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, w = ctx.saved_tensors
         kh, kw = w.shape[2:]
-        layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
-        grad_out = grad_out.contiguous(memory_format=layout)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        dtype = ctx.weight_dtype
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = torch.ops.aten.convolution_backward(grad_out, x, w, None, [1, 1], [kh // 2, kw // 2], [1, 1], False,
                                                      [0, 0], x.shape[1], [True, False, False])[0]
         if ctx.needs_input_grad[1]:
-            if ctx.fft:  # converted straight into the NCHW float32 layout the FFT reads
-                dw = fft_weight_grad(x.to(torch.float32, memory_format=torch.contiguous_format),
-                                     grad_out.to(torch.float32, memory_format=torch.contiguous_format), kh, kw)
+            if ctx.fft:  # converted straight into the NCHW layout the FFT reads
+                dw = fft_weight_grad(x.to(dtype, memory_format=torch.contiguous_format),
+                                     grad_out.to(dtype, memory_format=torch.contiguous_format), kh, kw)
             else:
-                dw = torch.ops.aten.convolution_backward(grad_out.float(), x.float(), w.float(), None, [1, 1],
+                dw = torch.ops.aten.convolution_backward(grad_out.to(dtype), x.to(dtype), w.to(dtype), None, [1, 1],
                                                          [kh // 2, kw // 2], [1, 1], False, [0, 0], x.shape[1],
                                                          [False, True, False])[1]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = grad_out.float().sum((0, 2, 3))
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            db = grad_out.to(ctx.bias_dtype).sum((0, 2, 3))
         return dx, dw, db, None
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -347,63 +319,66 @@ def cpu_kernel_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: O
     return cpu_kernel_built()
 
 
-def cpu_kernel_autocast_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor],
-                              bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
-    """The autocast dtype when :func:`dwconv2d_sum` runs CPU autocast inference on slak_mm's C++ kernel, else None.
+def cpu_kernel_low_precision_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                                   bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    """bfloat16 or float16 where :func:`dwconv2d_sum` runs CPU inference in that dtype on slak_mm's C++ kernel, else
+    None. Two cases, each with no gradient needed and not tracing / exporting (the ``'dwconv_kernel'`` switch on and
+    the kernel built):
 
-    Under CPU autocast (bfloat16 or float16) with no gradient needed, not tracing / exporting, a float32 or
-    autocast-dtype input and float32 kernels and bias (the ``'dwconv_kernel'`` switch on and the kernel built): the
-    operands are rounded to the autocast dtype, as autocast's ``F.conv2d`` rounds them, the products summed in float32
-    by the C++ kernel and the sum rounded once to the autocast dtype (oneDNN's bf16 convolutions also accumulate in
-    float32, but round each band's output before the bands are added).
+    - under CPU autocast (bfloat16 or float16): a float32 or autocast-dtype input, float32 kernels and bias; the
+      operands are rounded to the autocast dtype, as autocast's ``F.conv2d`` rounds them;
+    - a bfloat16 or float16 model (no autocast): the input, the kernels and the bias all of that dtype.
+
+    The products of the (rounded) operands are exact in float32; the C++ kernel sums them in float32 and the sum is
+    rounded once to the dtype. oneDNN's convolutions in these dtypes also accumulate in float32, but round each band's
+    output, and then the bands' sum.
     """
-    if x.device.type != 'cpu' or x.numel() == 0 or not torch.is_autocast_enabled('cpu'):
+    if x.device.type != 'cpu' or x.numel() == 0:
         return None
-    dtype = torch.get_autocast_dtype('cpu')
-    if dtype not in (torch.bfloat16, torch.float16) or x.dtype not in (torch.float32, dtype):
+    if torch.is_autocast_enabled('cpu'):
+        dtype, operand_dtype = torch.get_autocast_dtype('cpu'), torch.float32
+        if x.dtype not in (torch.float32, dtype):
+            return None
+    else:
+        dtype = operand_dtype = x.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
         return None
-    if any(t.dtype is not torch.float32 for t in (*weights, *(() if bias is None else (bias,)))):
+    if any(t.dtype is not operand_dtype for t in (*weights, *(() if bias is None else (bias,)))):
         return None
     if not (_inference_call(x, weights, bias) and cpu_fusion_enabled('dwconv_kernel')):
         return None
     return dtype if cpu_kernel_built() else None
 
 
-def cpu_kernel_half_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor],
-                          bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
-    """The dtype when :func:`dwconv2d_sum` runs a bfloat16 or float16 model's CPU inference (no autocast) on slak_mm's
-    C++ kernel, else None: x, the kernels and the bias all of that dtype, no gradient needed, not tracing /
-    exporting (the ``'dwconv_kernel'`` switch on and the kernel built). The products of the operands are exact in
-    float32, summed in float32 and the sum rounded once to the dtype; oneDNN's convolutions in these dtypes round
-    each band's output, and the bands' sum, again."""
-    if x.device.type != 'cpu' or x.numel() == 0 or x.dtype not in (torch.bfloat16, torch.float16):
-        return None
-    operands = (*weights, *(() if bias is None else (bias,)))
-    if torch.is_autocast_enabled('cpu') or any(t.dtype is not x.dtype for t in operands):
-        return None
-    if not (_inference_call(x, weights, bias) and cpu_fusion_enabled('dwconv_kernel')):
-        return None
-    return x.dtype if cpu_kernel_built() else None
-
-
 def cpu_kernel_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor],
                      bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
     """The result's dtype where :func:`dwconv2d_sum` runs slak_mm's C++ CPU kernel: float32
-    (:func:`cpu_kernel_applies`), the autocast dtype (:func:`cpu_kernel_autocast_dtype`) or a bfloat16 / float16
-    model's dtype (:func:`cpu_kernel_half_dtype`); None elsewhere."""
+    (:func:`cpu_kernel_applies`) or bfloat16 / float16 (:func:`cpu_kernel_low_precision_dtype`); None elsewhere."""
     if cpu_kernel_applies(x, weights, bias):
         return torch.float32
-    dtype = cpu_kernel_autocast_dtype(x, weights, bias)
-    return dtype if dtype is not None else cpu_kernel_half_dtype(x, weights, bias)
+    return cpu_kernel_low_precision_dtype(x, weights, bias)
 
 
 def _cpu_kernel_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
                     dtype: torch.dtype) -> torch.Tensor:
-    """The C++ kernel's sum where :func:`cpu_kernel_dtype` gave ``dtype``: channels_last, ``dtype``."""
+    """The C++ kernel's sum where :func:`cpu_kernel_dtype` gave ``dtype``: a channels_last ``dtype`` result. float32
+    and bfloat16 inside the kernel (the kernel clips the kernels to the map; in bfloat16 it reads a float32 or
+    bfloat16 input, rounds it, the kernels and the bias as it reads them and rounds the float32 sum once; kernels and
+    bias in bfloat16 are widened to float32 first, exactly); float16 by rounding copies around the float32 kernel."""
+    from .cpu_kernel import cpu_dwconv_sum, cpu_dwconv_sum_bf16
     if dtype is torch.float32:
-        from .cpu_kernel import cpu_dwconv_sum
-        return cpu_dwconv_sum(_channels_last(x), list(weights), bias)  # clips the kernels to the map itself
-    return _cpu_autocast_dwconv_sum(x, weights, bias, dtype)
+        return cpu_dwconv_sum(_channels_last(x), list(weights), bias)
+    if dtype is torch.bfloat16:
+        return cpu_dwconv_sum_bf16(_channels_last(x), [w.float() for w in weights],
+                                   None if bias is None else bias.float())
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).float()
+
+    with torch.autocast('cpu', enabled=False):
+        out = cpu_dwconv_sum(_channels_last(rounded(x)), [rounded(w) for w in weights],
+                             None if bias is None else rounded(bias))
+    return out.to(dtype)
 
 
 @torch.library.custom_op('slak_mm::dwconv_sum_cpu', mutates_args=())
@@ -418,25 +393,6 @@ def _dwconv_sum_cpu_op(x: torch.Tensor, weights: List[torch.Tensor], bias: Optio
 @_dwconv_sum_cpu_op.register_fake
 def _(x, weights, bias, dtype):
     return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
-
-
-def _cpu_autocast_dwconv_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
-                             dtype: torch.dtype) -> torch.Tensor:
-    """:func:`cpu_kernel_autocast_dtype`'s and :func:`cpu_kernel_half_dtype`'s computation: operands rounded to
-    ``dtype``, summed in float32, rounded. bfloat16 inside the C++ kernel (it reads and writes bfloat16; kernels and
-    bias in bfloat16 are widened to float32 first, exactly); float16 by rounding copies around the float32 kernel."""
-    from .cpu_kernel import cpu_dwconv_sum, cpu_dwconv_sum_bf16
-    if dtype is torch.bfloat16:
-        return cpu_dwconv_sum_bf16(_channels_last(x), [w.float() for w in weights],
-                                   None if bias is None else bias.float())
-
-    def rounded(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype).float()
-
-    with torch.autocast('cpu', enabled=False):
-        out = cpu_dwconv_sum(_channels_last(rounded(x)), [rounded(w) for w in weights],
-                             None if bias is None else rounded(bias))
-    return out.to(dtype)
 
 
 def fused_sum_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
@@ -514,9 +470,9 @@ def _torch_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if torch.is_autocast_enabled('cpu'):
         dtype = torch.get_autocast_dtype('cpu')
         if weight.dtype == torch.float32 and x.dtype in (torch.float32, dtype) and dtype != torch.float32:
-            return _CPUAutocastDepthwise.apply(x.to(dtype), weight, bias, fft and fft_weight_grad_wins(kh, kw))
+            return _CPUDepthwise.apply(x.to(dtype), weight, bias, fft and fft_weight_grad_wins(kh, kw))
     elif fft and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype and fft_weight_grad_wins(kh, kw):
-        return _CPUDepthwiseFFTWeightGrad.apply(x, weight, bias)
+        return _CPUDepthwise.apply(x, weight, bias, True)
     return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
 
 
