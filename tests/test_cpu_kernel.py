@@ -709,7 +709,11 @@ def test_compiled_backbone_graph_calls_the_kernel_op_only_where_eager_runs_the_k
     expected = 0 if mode in ('gradients', 'kernel_off') else _units_if_compile_runs_the_kernel()
     assert sum(COMPILE_OP in name for name in ops) == expected, ops
     for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 if mode != 'bf16_autocast' else 1e-2)
+        # bf16: within 1% of the largest output. Where the graph cannot run the kernel (torch < 2.7, and versions whose
+        # is_exporting() is true under compile, e.g. 2.11), its oneDNN fallback rounds each band to bf16 (measured
+        # 0.5% on 2.11; 0 where the graph runs the op); a dropped band is off by O(1) (layer scale 1).
+        atol = 1e-5 if mode != 'bf16_autocast' else 1e-2 * float(b.abs().max())
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
 
 
 def test_compiling_before_the_kernel_is_loaded_keeps_one_graph():
