@@ -149,12 +149,123 @@ def test_builds_for_other_instruction_sets_match_float64_conv(capability, lanes)
     assert any(name.startswith(n) for n in names), name
     assert widths == [str(lanes), '7']
     tests = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k',
-                            'matches_float64_conv and not other_instruction_sets or every_tile_width or fits_the_map '
+                            'matches_float64_conv and not other_instruction_sets or every_tile or fits_the_map '
                             'or strided or thread_count or repadded or rezeroed or one_offset or bf16 or fp16'],
                            env=env, capture_output=True, text=True, cwd=ROOT)
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
     passed = re.search(r'(\d+) passed', tests.stdout)
     assert passed and int(passed.group(1)) >= 50 and 'skipped' not in tests.stdout, tests.stdout[-500:]
+
+
+def float64_weight_grad(x, g, kh, kw):
+    """d(sum(g * conv(x, w)))/dw of a 'same' depthwise conv with a (C, 1, kh, kw) kernel, by F.conv2d's autograd in
+    float64 (independent reference)."""
+    w = torch.zeros(x.shape[1], 1, kh, kw, dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.conv2d(x.double(), w, padding=(kh // 2, kw // 2), groups=x.shape[1])
+    return torch.autograd.grad(y, w, g.double())[0]
+
+
+@pytest.mark.parametrize('shape,k', [
+    ((2, 124, 17, 19), (31, 5)),   # SLaK-T stage-0 width (7 blocks + 12 channels), tall band clipped to the map
+    ((1, 20, 10, 30), (5, 31)),    # wide band: tiles of 7 or 8 columns, the last one past the kernel
+    ((2, 16, 7, 7), (13, 5)),      # SLaK-T stage 3 at 224: kernel rows past the map both ways
+    ((3, 17, 8, 8), (15, 15)),     # square kernel, batch 3, a 1-channel tail
+    ((1, 33, 12, 5), (5, 9)),      # map narrower than the kernel
+    ((2, 9, 5, 40), (3, 49)),
+    ((1, 5, 6, 13), (1, 17)),      # one row
+    ((2, 40, 3, 4), (5, 5)),
+    ((1, 3, 1, 1), (3, 3)),        # 1×1 map
+    ((1, 8, 20, 20), (1, 1)),
+    ((1, 12, 70, 9), (7, 3))])     # more output rows than a band (32)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_weight_gradient_matches_float64_conv(shape, k, dtype):
+    # The training path's weight gradient (dwconv_weight_grad): float32 sums of the products of x and grad_out (read
+    # as bfloat16 under CPU autocast), against float64 autograd of F.conv2d on the same (rounded) values, 1e-5 of the
+    # largest (measured <= 7e-7).
+    torch.manual_seed(1)
+    cl = dict(memory_format=torch.channels_last)
+    x, g = (torch.randn(shape).to(dtype).contiguous(**cl) for _ in range(2))
+    x0, g0 = x.clone(), g.clone()
+    calls = cpu_kernel.load_cpu_kernel().wgrad_calls()
+    dw = cpu_kernel.cpu_dwconv_weight_grad(x, g, *k)
+    assert cpu_kernel.load_cpu_kernel().wgrad_calls() > calls
+    assert dw.shape == (shape[1], 1, *k) and dw.dtype == torch.float32 and dw.is_contiguous()
+    assert torch.equal(x, x0) and torch.equal(g, g0)
+    assert _close(dw, float64_weight_grad(x, g, *k))
+
+
+def test_weight_gradient_every_tile_matches_float64_conv():
+    # Tiles of kw columns up to 8 (4 without AVX-512), wider kernels in tiles of 7 or 8 (3 or 4) with the last one
+    # past the kernel, kernel rows in groups (the register budget's) plus single remainder rows, output rows and
+    # columns limited to the taps' reach: kernels 1-17 wide and 1-13 high over maps 1-12 wide, float64 reference.
+    for w in (1, 2, 3, 5, 8, 12):
+        for kh, kw in ((1, 1), (3, 1), (1, 3), (5, 5), (9, 7), (13, 5), (5, 9), (7, 11), (3, 13), (11, 17)):
+            torch.manual_seed(w * 100 + kh * 10 + kw)
+            x, g = (torch.randn(2, 19, 6, w).contiguous(memory_format=torch.channels_last) for _ in range(2))
+            assert _close(cpu_kernel.cpu_dwconv_weight_grad(x, g, kh, kw), float64_weight_grad(x, g, kh, kw)), \
+                (w, kh, kw)
+
+
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_training_runs_the_kernels_for_forward_and_both_gradients(kernel_calls, with_bias):
+    # A CPU float32 depthwise conv whose weight needs its gradient (SLaK's training-mode branches) runs on the C++
+    # kernels: the forward and the input gradient (the flipped kernel over grad_out) as one kernel call each, the
+    # weight gradient on dwconv_weight_grad; no oneDNN convolution, no FFT. Each result against float64 F.conv2d
+    # autograd, 1e-5 of the largest. Switched off, the same gradients come from the oneDNN / FFT path.
+    from slak_mm.ops import dwconv as dwconv_module
+    torch.manual_seed(2)
+    x = torch.randn(2, 37, 12, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = (torch.randn(37, 1, 31, 5) / 8).requires_grad_()
+    b = torch.randn(37, requires_grad=True) if with_bias else None
+    params = [x, w] + ([b] if with_bias else [])
+    g = torch.randn(2, 37, 12, 14)
+    x64, w64, *b64 = (t.detach().double().requires_grad_() for t in params)
+    y64 = torch.nn.functional.conv2d(x64, w64, b64[0] if b64 else None, padding=(15, 2), groups=37)
+    expected = torch.autograd.grad(y64, [x64, w64, *b64], g.double())
+    wgrad = kernel_calls.kernel.wgrad_calls()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        y = dwconv2d(x, w, b)
+        assert len(kernel_calls) == 1 and kernel_calls.last == [(23, 5)]  # clipped to the 12-row map
+        got = torch.autograd.grad(y, params, g)
+    assert len(kernel_calls) == 2 and kernel_calls.kernel.wgrad_calls() > wgrad
+    cl = torch.channels_last
+    assert y.is_contiguous(memory_format=cl) and got[0].is_contiguous(memory_format=cl)
+    assert _close(y, y64)
+    for a, e in zip(got, expected):
+        assert a.dtype == torch.float32 and a.shape == e.shape and _close(a, e)
+    with cpu_fusions_disabled('dwconv_kernel'):
+        y_off = dwconv2d(x, w, b)
+    start, wgrad = len(kernel_calls), kernel_calls.kernel.wgrad_calls()
+    for a, e in zip(torch.autograd.grad(y_off, params, g), expected):
+        assert _close(a, e)
+    assert len(kernel_calls) == start and kernel_calls.kernel.wgrad_calls() == wgrad
+    assert dwconv_module.cpu_train_kernel_applies(x.detach())
+    assert not dwconv_module.cpu_train_kernel_applies(x.detach().contiguous())  # NCHW: the caller converts first
+    assert not dwconv_module.cpu_train_kernel_applies(x.detach().double())
+
+
+def test_backbone_training_step_on_the_kernels_matches_the_onednn_path(kernel_calls):
+    # One training forward + backward of a small SLaK (train-mode BN after each branch, layer scale 1) with the C++
+    # kernels and with them off (oneDNN convolutions, FFT / oneDNN weight gradients): every parameter's gradient
+    # within 1e-4 of its largest, and the kernels ran for every branch (5 blocks x 3 branches: a forward and an
+    # input-gradient call each, one weight-gradient pass per branch).
+    model = _small_slak().train()
+    x = torch.randn(2, 3, 64, 96)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        sum((o * torch.linspace(-1, 1, o.numel()).reshape(o.shape)).sum() for o in out).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    wgrad = kernel_calls.kernel.wgrad_calls()
+    on = grads()
+    assert len(kernel_calls) == 2 * 15 and kernel_calls.kernel.wgrad_calls() > wgrad
+    with cpu_fusions_disabled('dwconv_kernel'):
+        off = grads()
+    assert on.keys() == off.keys() and any('.large_kernel.' in n for n in on)
+    for n in on:
+        assert (on[n] - off[n]).abs().max() <= 1e-4 * off[n].abs().max(), n
 
 
 def test_kernel_takes_strided_inputs_and_channels_last_weights(kernel_calls):
@@ -253,15 +364,16 @@ def test_kernel_runs_only_for_float32_inference(kernel_calls):
         with cpu_fusions_disabled('conv_add'):  # a oneDNN fusion: does not concern the kernel
             assert cpu_kernel_applies(x, ws, None)
     trained = [w.clone().requires_grad_() for w in ws]
-    assert not cpu_kernel_applies(x, trained, None)  # the kernel has no backward: training keeps the torch path
+    assert not cpu_kernel_applies(x, trained, None)  # the summed call has no backward: training goes kernel by kernel
     out = dwconv2d_sum(x, trained)
-    out.sum().backward()
-    assert all(w.grad is not None for w in trained) and not kernel_calls
+    out.sum().backward()  # (the training kernels: test_training_runs_the_kernels_for_forward_and_both_gradients)
+    assert all(w.grad is not None for w in trained) and len(kernel_calls) == 2  # one forward each, no input gradient
+    start = len(kernel_calls)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
         # check_trace=False: the trace check re-runs the function untraced, where the kernel may run
         graph = str(torch.jit.trace(lambda a: dwconv2d_sum(a, ws), x, check_trace=False).graph)
-    assert 'aten::_convolution' in graph and not kernel_calls  # traced / exported graphs stay portable
+    assert 'aten::_convolution' in graph and len(kernel_calls) == start  # traced / exported graphs stay portable
 
 
 def test_switching_the_kernel_off_gives_the_onednn_path_and_the_same_result(kernel_calls):
@@ -328,6 +440,16 @@ def test_kernel_rejects_what_it_cannot_compute():
         cpu_kernel.cpu_dwconv_sum(xc, [torch.randn(4, 1, 4, 3)], None)
     with pytest.raises(RuntimeError, match='float32'):
         cpu_kernel.cpu_dwconv_sum(xc.double(), [w.double()], None)
+    with pytest.raises(RuntimeError, match='channels_last'):
+        cpu_kernel.cpu_dwconv_weight_grad(x, x, 3, 3)
+    with pytest.raises(RuntimeError, match='odd'):
+        cpu_kernel.cpu_dwconv_weight_grad(xc, xc, 4, 3)
+    with pytest.raises(RuntimeError, match='one shape'):
+        cpu_kernel.cpu_dwconv_weight_grad(xc, xc[:, :2], 3, 3)
+    with pytest.raises(RuntimeError, match='both float32 or both bfloat16'):
+        cpu_kernel.cpu_dwconv_weight_grad(xc, xc.bfloat16(), 3, 3)
+    with pytest.raises(RuntimeError, match='both float32 or both bfloat16'):
+        cpu_kernel.cpu_dwconv_weight_grad(xc.double(), xc.double(), 3, 3)
 
 
 def test_build_name_is_per_instruction_set_and_torch_version(monkeypatch):
@@ -509,10 +631,11 @@ def test_autocast_inference_takes_the_torch_path_where_the_kernel_does_not_apply
     x, ws, b = random_unit((1, 8, 10, 10), [(7, 3), (3, 7)], True, True)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         trained = [w.clone().requires_grad_() for w in ws]
-        out = dwconv2d_sum(x, trained, b)  # a gradient is needed: the kernel has no backward
+        out = dwconv2d_sum(x, trained, b)  # a gradient is needed: kernel by kernel (the training kernels)
+        assert len(kernel_calls) == 2
         with torch.no_grad(), cpu_fusions_disabled('dwconv_kernel'):
             off = dwconv2d_sum(x, ws, b)
-    assert not kernel_calls
+    assert len(kernel_calls) == 2
     out.float().sum().backward()
     assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in trained)
     bf = torch.bfloat16

@@ -1,4 +1,5 @@
 """slak_mm.ops.dwconv2d against F.conv2d: forward and gradients, rectangular kernels, small maps, layouts, dtypes."""
+import contextlib
 import warnings
 
 import pytest
@@ -95,15 +96,17 @@ def test_fft_weight_gradient_equals_conv_weight_gradient(shape, k):
 
 
 def test_cpu_training_uses_fft_weight_gradient_for_long_bands(monkeypatch):
-    """On CPU, a 51×5 band on a 32×32 map takes the FFT weight gradient (cost model), with the forward bit-identical
-    to F.conv2d and every gradient within fp32 rounding of a float64 reference (1e-5 relative to the largest)."""
+    """On CPU without slak_mm's C++ kernel (switched off here; also float64, NCHW inputs), a 51×5 band on a 32×32 map
+    takes the FFT weight gradient (cost model), with the forward bit-identical to F.conv2d and every gradient within
+    fp32 rounding of a float64 reference (1e-5 relative to the largest)."""
     assert fft_weight_grad_wins(51, 5) and fft_weight_grad_wins(5, 51) and fft_weight_grad_wins(13, 5)
     assert not fft_weight_grad_wins(5, 5)
     torch.manual_seed(0)
     x = torch.randn(2, 8, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = (torch.randn(8, 1, 51, 5) / 16).requires_grad_()
     b = torch.randn(8, requires_grad=True)
-    y = dwconv2d(x, w, b)
+    with cpu_fusions_disabled('dwconv_kernel'):  # decided in the forward: the backward keeps the FFT
+        y = dwconv2d(x, w, b)
     assert '_CPUDepthwise' in type(y.grad_fn).__name__
     from slak_mm.ops import dwconv as dwconv_module
     fft_calls = []
@@ -134,12 +137,18 @@ def _graph_has(t, name):
     return False
 
 
-@pytest.mark.parametrize('case', ['fft band, channels_last', '5x5, NCHW input', 'NCHW rule, 7x7 unit'])
-def test_cpu_autocast_training_keeps_autocast_forward_and_takes_float32_weight_gradients(case):
-    """Under CPU bf16 autocast the forward and the input gradient are autocast's (bf16, as F.conv2d gives them); the
-    weight and bias gradients are float32 and within 1e-5 (relative to the largest) of a float64 reference computed
-    from the same bf16-rounded operands, which oneDNN's bf16 weight gradient (~2e-3 off) does not reach."""
+@pytest.mark.parametrize('kernel', [True, False], ids=['cpp_kernel', 'kernel_off'])
+@pytest.mark.parametrize('case', ['fft band, channels_last', '5x5, NCHW input', 'three bands, 7x7 map'])
+def test_cpu_autocast_training_keeps_autocast_forward_and_takes_float32_weight_gradients(case, kernel):
+    """Under CPU bf16 autocast the forward and the input gradient are in bf16 (as F.conv2d gives them; slak_mm's C++
+    kernels round the float32 sum once); the weight and bias gradients are float32 and within 1e-5 (relative to the
+    largest) of a float64 reference computed from the same bf16-rounded operands, which oneDNN's bf16 weight gradient
+    (~2e-3 off) does not reach. With the kernel off: oneDNN's forward and input gradient, FFT or oneDNN float32 weight
+    gradients (the 7×7 unit NCHW, see nchw_wins)."""
     torch.manual_seed(0)
+    kernel_lib = load_cpu_kernel()
+    wgrad_calls = kernel_lib.wgrad_calls()
+    off = contextlib.nullcontext() if kernel else cpu_fusions_disabled('dwconv_kernel')
     cl = dict(memory_format=torch.channels_last)
     if case == 'fft band, channels_last':
         x, ks = torch.randn(2, 8, 20, 20).contiguous(**cl), [(51, 5)]  # clipped to 39×5 on this map: FFT
@@ -150,7 +159,7 @@ def test_cpu_autocast_training_keeps_autocast_forward_and_takes_float32_weight_g
     x.requires_grad_()
     ws = [(torch.randn(x.shape[1], 1, *k) / 8).requires_grad_() for k in ks]
     b = torch.randn(x.shape[1], requires_grad=True)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    with torch.autocast('cpu', dtype=torch.bfloat16), off:
         outs = dwconv2d_branches(x, ws) if len(ws) > 1 else [dwconv2d(x, ws[0], b)]
         refs = [F.conv2d(x, w, b if len(ws) == 1 else None, padding=(w.shape[2] // 2, w.shape[3] // 2),
                          groups=x.shape[1]) for w in ws]
@@ -158,6 +167,7 @@ def test_cpu_autocast_training_keeps_autocast_forward_and_takes_float32_weight_g
     assert all(o.dtype == torch.bfloat16 and _graph_has(o, '_CPUDepthwise') for o in outs)
     g = [torch.randn(o.shape).bfloat16() for o in outs]
     got = torch.autograd.grad(outs, params, g)
+    assert (kernel_lib.wgrad_calls() > wgrad_calls) == kernel
     autocast_grads = torch.autograd.grad(refs, params, g)
     x64, *rest = (t.detach().bfloat16().double().requires_grad_() for t in params)
     w64, b64 = rest[:len(ws)], (rest[len(ws)] if len(ws) == 1 else None)
@@ -176,20 +186,29 @@ def test_layout_rule_picks_nchw_only_for_training_short_kernels_on_small_maps():
     cl = dict(memory_format=torch.channels_last)
     bands = [torch.randn(4, 1, 13, 5, requires_grad=True), torch.randn(4, 1, 5, 13, requires_grad=True)]
     small, big = torch.randn(1, 4, 7, 7).contiguous(**cl), torch.randn(1, 4, 16, 16).contiguous(**cl)
-    assert nchw_wins(small, bands)
-    assert not nchw_wins(big, bands)  # 256 pixels: channels_last is as fast
     eight = torch.randn(1, 4, 8, 8).contiguous(**cl)
-    assert nchw_wins(eight, bands)
-    assert not nchw_wins(eight, [torch.randn(4, 1, 21, 5, requires_grad=True)])  # clipped to 15 > 13
-    assert nchw_wins(small, [torch.randn(4, 1, 51, 5, requires_grad=True)])  # ... but 51 clips to 13 on a 7×7 map
-    assert not nchw_wins(small, [b.detach() for b in bands])  # nothing needs a gradient: inference
-    with torch.no_grad():
-        assert not nchw_wins(small, bands)
+    assert load_cpu_kernel() is not None and not nchw_wins(small, bands)  # the C++ kernels run channels_last
+    with cpu_fusions_disabled('dwconv_kernel'):  # the rule was measured against oneDNN's channels_last path
+        assert nchw_wins(small, bands)
+        assert not nchw_wins(big, bands)  # 256 pixels: channels_last is as fast
+        assert nchw_wins(eight, bands)
+        assert not nchw_wins(eight, [torch.randn(4, 1, 21, 5, requires_grad=True)])  # clipped to 15 > 13
+        assert nchw_wins(small, [torch.randn(4, 1, 51, 5, requires_grad=True)])  # ... but 51 clips to 13 on a 7×7 map
+        assert not nchw_wins(small, [b.detach() for b in bands])  # nothing needs a gradient: inference
+        with torch.no_grad():
+            assert not nchw_wins(small, bands)
 
 
-def test_nchw_layout_choice_gives_the_same_unit_and_gradients(monkeypatch):
-    """A SLaK stage-4-like unit (channels_last activations and weights) on a 7×7 map runs its convs NCHW, returns
-    channels_last outputs, and matches a float64 F.conv2d reference (forward and gradients, 1e-5 relative)."""
+@pytest.fixture
+def cpp_kernel_off():
+    with cpu_fusions_disabled('dwconv_kernel'):
+        yield
+
+
+def test_nchw_layout_choice_gives_the_same_unit_and_gradients(monkeypatch, cpp_kernel_off):
+    """Without slak_mm's C++ kernel, a SLaK stage-4-like unit (channels_last activations and weights) on a 7×7 map
+    runs its convs NCHW, returns channels_last outputs, and matches a float64 F.conv2d reference (forward and
+    gradients, 1e-5 relative)."""
     torch.manual_seed(0)
     cl = dict(memory_format=torch.channels_last)
     x = torch.randn(2, 6, 7, 7).contiguous(**cl).requires_grad_()
@@ -328,10 +347,11 @@ def test_cpu_fusion_switch_nests_restores_and_rejects_unknown_names():
     assert enabled() == [True, True]
 
 
-@pytest.mark.parametrize('phase', ['forward', 'eval_sum'])
+@pytest.mark.parametrize('phase', ['forward', 'fwd_bwd', 'eval_sum'])
 def test_dwconv_benchmark_compares_equal_computations(phase):
-    # tools/benchmark_dwconv.py times 'ours' against nn.Conv2d calls: they must compute the same unit, or the ratio
-    # means nothing (eval_sum: the BN-folded two-band form with the N×N kernel in the tall band's centre).
+    # tools/benchmark_dwconv.py times 'ours' against nn.Conv2d calls and (CPU) ours with the C++ kernel off: they must
+    # compute the same unit, or the ratio means nothing (eval_sum: the BN-folded two-band form with the N×N kernel in
+    # the tall band's centre; fwd_bwd: the input and the three kernels' gradients).
     import os.path as osp
     import sys
     sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
@@ -346,9 +366,11 @@ def test_dwconv_benchmark_compares_equal_computations(phase):
         sep = sum(F.conv2d(x64, k.double(), padding=(k.shape[2] // 2, k.shape[3] // 2), groups=4) for k in kernels)
         bias = ref.double() - sep  # the benchmark's random bias, the same for every pixel of a channel
         assert (bias - bias[:, :, :1, :1]).abs().max() <= 1e-4 * sep.abs().max()
-    assert set(outs) == ({'ours', 'nchw', 'cl'} | ({'onednn'} if phase == 'eval_sum' else set()))
+    assert set(outs) == {'ours', 'nchw', 'cl', 'onednn'}
+    if phase != 'eval_sum':
+        assert len(ref) == (4 if phase == 'fwd_bwd' else 3)  # dx and 3 kernels' gradients / 3 branch outputs
     for name in set(outs) - {'nchw'}:
-        for a, b in zip(outs[name] if phase == 'forward' else [outs[name]], ref if phase == 'forward' else [ref]):
+        for a, b in zip(outs[name] if phase != 'eval_sum' else [outs[name]], ref if phase != 'eval_sum' else [ref]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 

@@ -8,13 +8,17 @@ For each stage shape (input size -> stage map, channels, long edge M, short edge
 (both gradients) separately, and ``eval_sum``: the unit as eval mode and the deployed model run it, BN folded into
 two bands (M×N with the N×N kernel in its centre, N×M) plus a bias, summed, gradients off:
   ours       slak_mm.ops.dwconv2d_branches, impl='auto', NCHW input (what a user passes; layout handled inside):
-             the fused Triton unit on CUDA; on CPU oneDNN channels_last plus the FFT weight gradient.
+             the fused Triton unit on CUDA; on CPU, when a gradient is needed, slak_mm's C++ kernels for the
+             forward, the input gradient and the weight gradient (the forward phase, gradients off: oneDNN
+             channels_last; SLaK's eval mode runs eval_sum instead).
              eval_sum: dwconv2d_sum on a channels_last input (as inside the backbone); on CPU slak_mm's C++ kernel
              (slak_mm/ops/cpu_kernel.py)
   nchw       three F.conv2d (nn.Conv2d) calls on NCHW (eval_sum: two, added)
   cl         the same calls on a channels_last input
-  onednn     (eval_sum, CPU) ours with the C++ kernel off: oneDNN channels_last, the tall band run as a wide one
-             over the transposed map, the second band accumulated inside its convolution (sum post-op)
+  onednn     (CPU) ours with the C++ kernel off: in eval_sum oneDNN channels_last, the tall band run as a wide one
+             over the transposed map, the second band accumulated inside its convolution (sum post-op); in the
+             training phases oneDNN's convolutions (NCHW for the last stage's 7×7 maps) with FFT weight gradients for
+             kernels of >= 49 taps
 and reports GF/s (dense MACs, 3× for forward+backward; for eval_sum the taps of the cross the two bands make,
 2·M·N − N² per output: its N×N centre is one set of taps, so counted once) and the fraction of this
 machine's fp32 GEMM rate: a 1024³ GEMM is timed in every repeat, in the same shuffled round as the unit, and the
@@ -116,8 +120,13 @@ def make_fns(x: torch.Tensor, kernels, phase: str, autocast: torch.dtype = None)
 
     def separate(a, ks):
         return [F.conv2d(a, k, padding=(k.shape[2] // 2, k.shape[3] // 2), groups=c) for k in ks]
+    def kernel_off(a, ks):  # decided in the forward: the backward keeps the oneDNN / FFT path
+        with cpu_fusions_disabled('dwconv_kernel'):
+            return dwconv2d_branches(a, ks)
     impls = {'ours': lambda a, ks: dwconv2d_branches(a, ks), 'nchw': separate, 'cl': separate}
     inputs = {'ours': x, 'nchw': x, 'cl': x_cl}
+    if x.device.type == 'cpu':
+        impls['onednn'], inputs['onednn'] = kernel_off, x
 
     def fn(name):
         a = inputs[name].detach().requires_grad_(phase in ('input_grad', 'fwd_bwd'))

@@ -1,5 +1,6 @@
 """slak_mm's C++ CPU kernel for :func:`slak_mm.ops.dwconv2d_sum` in float32 inference and CPU bfloat16 autocast
-inference (``csrc/dwconv_cpu.cpp``).
+inference (``csrc/dwconv_cpu.cpp``), and for CPU training's depthwise convolutions (:func:`cpu_dwconv_weight_grad`
+and the same kernel for the forward and the input gradient, :class:`slak_mm.ops.dwconv._CPUDepthwise`).
 
 It packs each block of 16 channels into an aligned, zero-padded buffer and runs every kernel as register tiles of 4-8
 outputs along a row (the width that fits the map; on AVX-512 along two rows, which share their input loads), each tile
@@ -125,3 +126,11 @@ def cpu_dwconv_sum_bf16(x: torch.Tensor, weights: List[torch.Tensor], bias: Opti
     does to a convolution's operands), the products summed in float32 and the sum rounded to bfloat16 once. Returns
     a bfloat16 channels_last tensor."""
     return load_cpu_kernel().dwconv_sum_bf16(x, weights, bias)
+
+
+def cpu_dwconv_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """The kernel gradient of a depthwise 'same' convolution with a (C, 1, kh, kw) kernel (odd sides), from its input
+    ``x`` and its output's gradient ``grad_out``: (B, C, H, W) channels_last CPU tensors, both float32 or both bfloat16
+    (CPU autocast training), the products summed in float32. Returns (C, 1, kh, kw) float32. Shows in
+    ``torch.profiler`` as ``slak_mm::dwconv_weight_grad_cpu``; call only where :func:`load_cpu_kernel` is not None."""
+    return load_cpu_kernel().dwconv_weight_grad(x, grad_out, kh, kw)

@@ -7,7 +7,9 @@ Semantics are exactly ``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), gr
              kernels run SLaK's long bands an order of magnitude faster than the NCHW path (docs/benchmarks.md), so
              NCHW inputs are converted; results do not depend on the layout (in inference, long tall bands run as
              wide bands over the transposed map, see :func:`transposed_kernels`, and each band after the first
-             accumulates into the sum inside its own convolution, see :func:`fused_sum_applies`). On CPU the
+             accumulates into the sum inside its own convolution, see :func:`fused_sum_applies`). CPU training
+             (float32, or under bfloat16 autocast) runs slak_mm's C++ kernels for the forward, the input gradient
+             and the weight gradient (:class:`_CPUDepthwise`, :func:`cpu_train_kernel_applies`). Without them the
              weight gradient of a large kernel is computed by FFT cross-correlation when the cost model below
              predicts it is cheaper (oneDNN's depthwise weight-gradient runs at a few % of the GEMM rate); the
              forward and input gradient stay direct (under CPU autocast in the autocast dtype, as ``F.conv2d``
@@ -36,6 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from .cpu_fusion import _disabled as _disabled_fusions
 from .cpu_fusion import cpu_fusion_enabled
+from . import cpu_kernel as _ck  # its entries looked up at call time (the tests replace them)
 from .cpu_kernel import cpu_kernel_built, loaded_cpu_kernel
 
 IMPLS = ('auto', 'torch', 'triton')
@@ -166,24 +169,36 @@ def fft_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kh: int, kw: int) -
 
 
 class _CPUDepthwise(torch.autograd.Function):
-    """One kernel on CPU whose weight needs its gradient, the weight gradient computed in the weight's own dtype: by
-    FFT (``fft``: oneDNN's depthwise weight gradient runs large kernels at a few % of the GEMM rate), else by oneDNN.
+    """One kernel on CPU whose weight needs its gradient. ``mode``:
 
-    Forward and input gradient run as ``F.conv2d`` runs them, in ``x``'s dtype: under CPU autocast the caller passes
-    ``x`` in the autocast dtype and the weight and bias are cast to it, as autocast casts a convolution's operands.
-    The weight gradient is then computed in float32 from those low-precision operands and returned as float32 (the
-    gradient of the same forward, not rounded to bfloat16): oneDNN's bfloat16 channels_last depthwise weight gradient
-    takes 2-11x the float32 paths' time at SLaK-T's stage 0-2 kernels (docs/benchmarks.md, "CPU autocast"), which made
-    SLaK-T's CPU training step under bf16 autocast 2.3x slower than in float32. Gradients keep ``x``'s layout.
+    - ``'kernel'``: slak_mm's C++ kernels (:mod:`.cpu_kernel`, :func:`cpu_train_kernel_applies`) for all three: the
+      forward (the inference kernel with this one kernel), the input gradient (the same kernel run on the output's
+      gradient with the kernel flipped) and the weight gradient (``dwconv_weight_grad``: register tiles of kernel
+      rows × columns over the map, float32 sums). Its weight gradients are 5-60x faster than the two below at
+      SLaK-T's shapes, and the unit's forward + backward 2.9-4.9x (docs/benchmarks.md, "Depthwise unit at 224: the
+      training path"); before, the depthwise backward was ~30% of SLaK-T's CPU training step.
+    - ``'fft'``: forward and input gradient as ``F.conv2d`` runs them (oneDNN), the weight gradient by FFT (oneDNN's
+      depthwise weight gradient runs large kernels at a few % of the GEMM rate).
+    - ``'onednn'``: as ``F.conv2d`` throughout, with the weight gradient computed in the weight's dtype.
+
+    Forward and input gradient run in ``x``'s dtype: under CPU autocast the caller passes ``x`` in the autocast dtype
+    and the weight and bias are rounded to it, as autocast rounds a convolution's operands (the C++ kernel rounds
+    them as it reads them and sums in float32). The weight gradient is then computed in float32 from those
+    low-precision operands and returned as float32 (the gradient of the same forward, not rounded to bfloat16):
+    oneDNN's bfloat16 channels_last depthwise weight gradient takes 2-11x the float32 paths' time at SLaK-T's stage
+    0-2 kernels (docs/benchmarks.md, "CPU autocast"). Gradients keep ``x``'s layout.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, fft):
+    def forward(ctx, x, weight, bias, mode):
         kh, kw = weight.shape[2:]
+        ctx.mode, ctx.weight_dtype = mode, weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if mode == 'kernel':
+            ctx.save_for_backward(x, weight)
+            return _kernel_conv(x, weight, bias)
         w = weight.to(x.dtype)
         ctx.save_for_backward(x, w)
-        ctx.fft, ctx.weight_dtype = fft, weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
         with torch.autocast('cpu', enabled=False):
             return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), padding=(kh // 2, kw // 2),
                             groups=x.shape[1])
@@ -193,24 +208,64 @@ class _CPUDepthwise(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, w = ctx.saved_tensors
         kh, kw = w.shape[2:]
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        channels_last = ctx.mode == 'kernel' or (x.is_contiguous(memory_format=torch.channels_last)
+                                                 and not x.is_contiguous())
         grad_out = grad_out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         dtype = ctx.weight_dtype
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.ops.aten.convolution_backward(grad_out, x, w, None, [1, 1], [kh // 2, kw // 2], [1, 1], False,
-                                                     [0, 0], x.shape[1], [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            if ctx.fft:  # converted straight into the NCHW layout the FFT reads
-                dw = fft_weight_grad(x.to(dtype, memory_format=torch.contiguous_format),
-                                     grad_out.to(dtype, memory_format=torch.contiguous_format), kh, kw)
-            else:
-                dw = torch.ops.aten.convolution_backward(grad_out.to(dtype), x.to(dtype), w.to(dtype), None, [1, 1],
-                                                         [kh // 2, kw // 2], [1, 1], False, [0, 0], x.shape[1],
-                                                         [False, True, False])[1]
+        if ctx.mode == 'kernel':
+            grad_out = grad_out.to(x.dtype)
+            if ctx.needs_input_grad[0]:  # the transposed convolution: the flipped kernel over grad_out
+                dx = _kernel_conv(grad_out, w.flip((2, 3)), None)
+            if ctx.needs_input_grad[1]:
+                dw = _ck.cpu_dwconv_weight_grad(x, grad_out, kh, kw).to(dtype)
+        else:
+            if ctx.needs_input_grad[0]:
+                dx = torch.ops.aten.convolution_backward(grad_out, x, w, None, [1, 1], [kh // 2, kw // 2], [1, 1],
+                                                         False, [0, 0], x.shape[1], [True, False, False])[0]
+            if ctx.needs_input_grad[1]:
+                if ctx.mode == 'fft':  # converted straight into the NCHW layout the FFT reads
+                    dw = fft_weight_grad(x.to(dtype, memory_format=torch.contiguous_format),
+                                         grad_out.to(dtype, memory_format=torch.contiguous_format), kh, kw)
+                else:
+                    dw = torch.ops.aten.convolution_backward(grad_out.to(dtype), x.to(dtype), w.to(dtype), None,
+                                                             [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0],
+                                                             x.shape[1], [False, True, False])[1]
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             db = grad_out.to(ctx.bias_dtype).sum((0, 2, 3))
         return dx, dw, db, None
+
+
+def _kernel_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """One depthwise convolution on slak_mm's C++ kernel, for :class:`_CPUDepthwise`: ``x`` channels_last float32,
+    or bfloat16 (CPU autocast), then with the float32 weight and bias rounded to bfloat16 as they are read and a
+    bfloat16 result."""
+    weight = weight.float()
+    bias = None if bias is None else bias.float()
+    if x.dtype is torch.bfloat16:
+        return _ck.cpu_dwconv_sum_bf16(x, [weight], bias)
+    return _ck.cpu_dwconv_sum(x, [weight], bias)
+
+
+def cpu_train_kernel_applies(x: torch.Tensor, any_layout: bool = False) -> bool:
+    """Whether a CPU depthwise convolution whose weight needs its gradient runs on slak_mm's C++ kernels
+    (:class:`_CPUDepthwise`, mode ``'kernel'``): ``x`` float32, or under CPU bfloat16 autocast float32 or bfloat16
+    (the kernels read it in bfloat16), channels_last as inside SLaK (or any layout with ``any_layout``: the layout
+    choice, :func:`nchw_wins`, asks before converting) and not empty; not compiling or exporting (the kernels are
+    opaque to dynamo); the ``'dwconv_kernel'`` switch on and the kernel built (on the first call that gets this
+    far)."""
+    if x.device.type != 'cpu' or x.numel() == 0:
+        return False
+    if not (any_layout or x.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    if torch.is_autocast_enabled('cpu'):
+        if x.dtype not in (torch.float32, torch.bfloat16) or torch.get_autocast_dtype('cpu') is not torch.bfloat16:
+            return False
+    elif x.dtype is not torch.float32:
+        return False
+    if torch.compiler.is_compiling() or _exporting() or not cpu_fusion_enabled('dwconv_kernel'):
+        return False
+    return cpu_kernel_built()
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -239,9 +294,10 @@ def nchw_wins(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
     if not (x.requires_grad or any(k.requires_grad for k in weights)):
         return False
     h, w = x.shape[2:]
-    if h * w > NCHW_MAX_PIXELS:
+    if h * w > NCHW_MAX_PIXELS or max(max(clip_to_input(k, h, w).shape[2:]) for k in weights) > NCHW_MAX_EDGE:
         return False
-    return max(max(clip_to_input(k, h, w).shape[2:]) for k in weights) <= NCHW_MAX_EDGE
+    # measured against oneDNN; slak_mm's C++ training kernels (channels_last) are faster still
+    return not cpu_train_kernel_applies(x, any_layout=True)
 
 
 #: On CPU, inference of a sum of kernels on a map of >= TRANSPOSE_MIN_PIXELS pixels runs each tall band whose clipped
@@ -365,18 +421,17 @@ def _cpu_kernel_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Opti
     and bfloat16 inside the kernel (the kernel clips the kernels to the map; in bfloat16 it reads a float32 or
     bfloat16 input, rounds it, the kernels and the bias as it reads them and rounds the float32 sum once; kernels and
     bias in bfloat16 are widened to float32 first, exactly); float16 by rounding copies around the float32 kernel."""
-    from .cpu_kernel import cpu_dwconv_sum, cpu_dwconv_sum_bf16
     if dtype is torch.float32:
-        return cpu_dwconv_sum(_channels_last(x), list(weights), bias)
+        return _ck.cpu_dwconv_sum(_channels_last(x), list(weights), bias)
     if dtype is torch.bfloat16:
-        return cpu_dwconv_sum_bf16(_channels_last(x), [w.float() for w in weights],
+        return _ck.cpu_dwconv_sum_bf16(_channels_last(x), [w.float() for w in weights],
                                    None if bias is None else bias.float())
 
     def rounded(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype).float()
 
     with torch.autocast('cpu', enabled=False):
-        out = cpu_dwconv_sum(_channels_last(rounded(x)), [rounded(w) for w in weights],
+        out = _ck.cpu_dwconv_sum(_channels_last(rounded(x)), [rounded(w) for w in weights],
                              None if bias is None else rounded(bias))
     return out.to(dtype)
 
@@ -465,14 +520,25 @@ def _torch_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if not _exporting():  # exported graphs keep dynamic sizes
         weight = clip_to_input(weight, x.shape[2], x.shape[3])
     kh, kw = weight.shape[2:]
-    if x.device.type != 'cpu' or not weight.requires_grad or not torch.is_grad_enabled() or _exporting():
+    if x.device.type != 'cpu' or not torch.is_grad_enabled() or _exporting() or not (
+            weight.requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)):
         return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+    # a gradient is needed: slak_mm's C++ kernels where they apply, else the weight gradient by FFT or oneDNN
+    fft = fft and weight.requires_grad and fft_weight_grad_wins(kh, kw)
     if torch.is_autocast_enabled('cpu'):
         dtype = torch.get_autocast_dtype('cpu')
-        if weight.dtype == torch.float32 and x.dtype in (torch.float32, dtype) and dtype != torch.float32:
-            return _CPUDepthwise.apply(x.to(dtype), weight, bias, fft and fft_weight_grad_wins(kh, kw))
-    elif fft and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype and fft_weight_grad_wins(kh, kw):
-        return _CPUDepthwise.apply(x, weight, bias, True)
+        if weight.dtype == torch.float32 and x.dtype in (torch.float32, dtype) and dtype != torch.float32 and (
+                bias is None or bias.dtype == torch.float32):
+            x = x.to(dtype)
+            mode = 'kernel' if cpu_train_kernel_applies(x) else 'fft' if fft else 'onednn'
+            if mode != 'onednn' or weight.requires_grad:
+                return _CPUDepthwise.apply(x, weight, bias, mode)
+    elif x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype and (
+            bias is None or bias.dtype == x.dtype):
+        if cpu_train_kernel_applies(x):
+            return _CPUDepthwise.apply(x, weight, bias, 'kernel')
+        if fft:
+            return _CPUDepthwise.apply(x, weight, bias, 'fft')
     return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
 
 

@@ -1,7 +1,9 @@
 // CPU inference kernel for slak_mm.ops.dwconv2d_sum: out = bias + sum_k conv2d(x, w_k), depthwise, stride 1,
 // "same" padding, float32 arithmetic, channels_last (NHWC) input and output: float32, or under CPU bfloat16 autocast
 // (dwconv_sum_bf16) a bfloat16 output from a float32 or bfloat16 input, with x, the kernels and the bias rounded to
-// bfloat16 as they are read. Built on first use by slak_mm/ops/cpu_kernel.py.
+// bfloat16 as they are read. Built on first use by slak_mm/ops/cpu_kernel.py. CPU training runs each branch's forward
+// and input gradient (the flipped kernel over the output's gradient) on the same kernel, and its weight gradient on
+// dwconv_weight_grad (further down).
 //
 // Why: oneDNN's channels_last depthwise kernel reaches only 20-40% of this machine's GEMM rate on SLaK's long bands,
 // mostly because SLaK's channel counts (124, 249, 499, 998) make every 16-float vector load straddle cache lines,
@@ -81,6 +83,8 @@ inline vf from_bf16(vh h) { return (vf)(__builtin_convertvector(h, vu) << 16); }
 enum class In { kF32, kF32RoundedToBf16, kBf16 };
 // Calls of run() so far (names each call for the per-thread kernel re-layout cache; read by the tests).
 std::atomic<long> g_calls{0};
+// Weight-gradient jobs so far (read by the tests).
+std::atomic<long> g_wgrad_calls{0};
 // Batches of fewer pixels (images x pixels per map) run their jobs block-major (see run).
 constexpr int64_t kBlockMajorPixels = 2048;
 // On maps of fewer pixels a job prefetches the next job's input.
@@ -693,6 +697,146 @@ void run(const void* x, In in, void* out, bool bf16, const Unit& u, const float*
   });
 }
 
+// ---- Weight gradient (CPU training) ----
+// dw[c][i][j] = sum_{n,h,w} g[n][h][w][c] * x[n][h + i - kh/2][w + j - kw/2][c] (x zero outside the map): the
+// gradient of a depthwise "same" convolution's kernel, from its input x and the gradient g of its output, both
+// channels_last. Each job takes one block of L channels of every image (so no two threads add into the same taps) and,
+// per image, packs x (zero-padded all round) and g (zero columns past the map) into aligned buffers, then runs the
+// taps as register tiles of R kernel rows x T kernel columns: for U output columns at a time, U loads of g, R (U + T -
+// 1) loads of x and R T U products, the R T sums held in registers over a band of output rows and then added into the
+// block's float32 sums. Each tile runs only the output rows and columns that reach the map for at least one of its
+// taps; the taps past the kernel's width in its last tile column read zeros and are dropped.
+// Register tiles: kWgradAcc accumulators at most (32 vector registers on AVX-512, 16 elsewhere).
+constexpr int kWgradAcc = L == 16 ? 20 : 8;
+constexpr int kWgradU = L == 16 ? 4 : 2;
+// Tile width for a kernel kw wide: kw itself up to kWgradMaxT, else the wider of kWgradMaxT - 1 and kWgradMaxT that
+// wastes fewer taps (e.g. 49: 7; 51: 8).
+constexpr int kWgradMaxT = L == 16 ? 8 : 4;
+inline int wgrad_tile_width(int kw) {
+  if (kw <= kWgradMaxT) return kw;
+  const int a = kWgradMaxT - 1, b = kWgradMaxT;
+  return round_up(kw, a) < round_up(kw, b) ? a : b;
+}
+constexpr int wgrad_rows(int T) { return kWgradAcc / T > 8 ? 8 : (kWgradAcc / T < 1 ? 1 : kWgradAcc / T); }
+
+// One tile: R kernel rows from X (packed x at the tile's first kernel row and column, for output row h0 and
+// column w0; rows xs floats apart) against G (packed g at output row h0, column w0; rows gs floats apart), over nh
+// output rows and nw output columns (a multiple of U); the R x T sums are added into D (rows ds vectors apart).
+template <int R, int T>
+__attribute__((noinline)) void wgrad_tile(const float* X, size_t xs, const float* G, size_t gs, int nh, int nw,
+                                          vf* D, size_t ds) {
+  constexpr int U = kWgradU;
+  vf acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = vf{};
+  for (int h = 0; h < nh; ++h) {
+    const float* g = G + h * gs;
+    const float* x = X + h * xs;
+    for (int w = 0; w < nw; w += U) {
+      vf gv[U];
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) gv[u] = *reinterpret_cast<const vf*>(g + (w + u) * L);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const float* xr = x + r * xs + w * L;
+#pragma GCC unroll 16
+        for (int m = 0; m < U + T - 1; ++m) {
+          const vf xv = *reinterpret_cast<const vf*>(xr + m * L);
+#pragma GCC unroll 8
+          for (int u = 0; u < U; ++u)
+            if (m - u >= 0 && m - u < T) acc[r][m - u] += gv[u] * xv;
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) D[r * ds + t] += acc[r][t];
+}
+
+template <int T>
+void wgrad_rows_of(int R, const float* X, size_t xs, const float* G, size_t gs, int nh, int nw, vf* D, size_t ds) {
+  constexpr int RM = wgrad_rows(T);
+  if (R == RM)
+    wgrad_tile<RM, T>(X, xs, G, gs, nh, nw, D, ds);
+  else
+    for (int r = 0; r < R; ++r) wgrad_tile<1, T>(X + r * xs, xs, G, gs, nh, nw, D + r * ds, ds);
+}
+
+// Output rows per band: a tile's sums stay in registers over a band, and a band's packed rows of x and g (its rows,
+// plus kh - 1 of x) stay in L2 across the band's tiles on large maps.
+constexpr int kWgradBandRows = 32;
+
+void run_wgrad(const void* x, const void* g, In in, float* dw, int B, int C, int H, int W, int kh, int kw) {
+  const int ph = kh / 2, pw = kw / 2, T = wgrad_tile_width(kw), RM = wgrad_rows(T);
+  const int U = kWgradU, kwp = round_up(kw, T), nb = (C + L - 1) / L;
+  // packed x: PT zero rows above and below the map (a tile's rows past the map), PL zero columns left of it (the
+  // first tile column's overhang), enough right of it for the last tile and the columns rounded up to U
+  const int PT = RM - 1, PL = T - 1;
+  const size_t xcols = static_cast<size_t>(PL) + W + pw + U + 2 * T, xrows = static_cast<size_t>(H) + 2 * PT;
+  const size_t gcols = static_cast<size_t>(W) + U;
+  const size_t esize = in == In::kBf16 ? 2 : 4;
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    thread_local Buffer xbuf, gbuf, dbuf;
+    ++g_wgrad_calls;
+    for (int64_t cb = begin; cb < end; ++cb) {
+      const int nc = std::min(L, C - static_cast<int>(cb) * L);
+      vi lanes;
+      for (int l = 0; l < L; ++l) lanes[l] = l < nc ? -1 : 0;
+      float* Px = xbuf.get(xrows * xcols * L);
+      float* Pg = gbuf.get(static_cast<size_t>(H) * gcols * L);
+      vf* D = reinterpret_cast<vf*>(dbuf.get(static_cast<size_t>(kh) * kwp * L));
+      std::memset(Px, 0, sizeof(float) * xrows * xcols * L);  // padding; each image overwrites the map only
+      std::memset(Pg, 0, sizeof(float) * H * gcols * L);
+      for (size_t k = 0; k < static_cast<size_t>(kh) * kwp; ++k) D[k] = vf{};
+      for (int b = 0; b < B; ++b) {
+        const size_t off = (static_cast<size_t>(b) * H * W * C + cb * L) * esize;
+        RowPacker px{static_cast<const char*>(x) + off, in, Px + PT * xcols * L, xcols, PL, H, W, C, nc, b + 1 == B,
+                     lanes};
+        RowPacker pg{static_cast<const char*>(g) + off, in, Pg, gcols, 0, H, W, C, nc, b + 1 == B, lanes};
+        px.upto(H);
+        pg.upto(H);
+        for (int h0 = 0; h0 < H; h0 += kWgradBandRows) {
+          const int h1 = std::min(H, h0 + kWgradBandRows);
+          for (int i0 = 0; i0 < kh; i0 += RM) {
+            const int R = std::min(RM, kh - i0);
+            // output rows that reach the map for at least one of kernel rows [i0, i0 + R), within the band
+            const int ha = std::max(h0, ph - i0 - R + 1), hb = std::min(h1, H + ph - i0);
+            if (ha >= hb) continue;
+            for (int j0 = 0; j0 < kw; j0 += T) {
+              const int wa = std::max(0, pw - j0 - T + 1), wb = std::min(W, W + pw - j0);
+              if (wa >= wb) continue;
+              const int nw = round_up(wb - wa, U);
+              // x at row ha + i0 - ph, column wa + j0 - pw (packed coordinates: + PT rows, + PL columns)
+              const float* X = Px + ((static_cast<size_t>(ha + i0 - ph + PT)) * xcols + (wa + j0 - pw + PL)) * L;
+              const float* G = Pg + (static_cast<size_t>(ha) * gcols + wa) * L;
+              vf* Dt = D + static_cast<size_t>(i0) * kwp + j0;
+              switch (T) {
+#define SLAK_WGRAD_CASE(TT) \
+  case TT: wgrad_rows_of<TT>(R, X, xcols * L, G, gcols * L, hb - ha, nw, Dt, kwp); break;
+                SLAK_WGRAD_CASE(1)
+                SLAK_WGRAD_CASE(2)
+                SLAK_WGRAD_CASE(3)
+                SLAK_WGRAD_CASE(4)
+                SLAK_WGRAD_CASE(5)
+                SLAK_WGRAD_CASE(6)
+                SLAK_WGRAD_CASE(7)
+                SLAK_WGRAD_CASE(8)
+#undef SLAK_WGRAD_CASE
+                default: TORCH_CHECK(false, "dwconv_cpu: weight-gradient tile width ", T);
+              }
+            }
+          }
+        }
+      }
+      for (int l = 0; l < nc; ++l) {
+        float* o = dw + (static_cast<size_t>(cb) * L + l) * kh * kw;
+        for (int i = 0; i < kh; ++i)
+          for (int j = 0; j < kw; ++j) o[i * kw + j] = D[static_cast<size_t>(i) * kwp + j][l];
+      }
+    }
+  });
+}
+
 // A plain strided CPU tensor of this dtype (default float32): no subclass (FakeTensor, functorch wrappers), no sparse /
 // quantized / conj / neg views. Its dispatch keys are a subset of an ordinary CPU tensor's (inference tensors have
 // fewer).
@@ -842,6 +986,26 @@ py::object dwconv_sum_auto(py::handle x_obj, py::handle weights_obj, py::handle 
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
 }
 
+// The weight gradient of a depthwise "same" convolution with a (C, 1, kh, kw) kernel (odd sides): x its input and
+// g the gradient of its output, (B, C, H, W) channels_last, both float32 or both bfloat16 (CPU autocast training;
+// summed in float32). Returns (C, 1, kh, kw) float32.
+torch::Tensor dwconv_weight_grad(const torch::Tensor& x, const torch::Tensor& g, int64_t kh, int64_t kw) {
+  TORCH_CHECK(x.dim() == 4 && g.sizes() == x.sizes() && x.device().is_cpu() && g.device().is_cpu() &&
+                  (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
+                  g.scalar_type() == x.scalar_type(),
+              "dwconv_cpu: x and grad_out must be 4-D CPU tensors of one shape, both float32 or both bfloat16");
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast) && g.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "dwconv_cpu: x and grad_out must be channels_last");
+  TORCH_CHECK(kh > 0 && kw > 0 && kh % 2 == 1 && kw % 2 == 1, "dwconv_cpu: kernel sides must be odd");
+  RECORD_FUNCTION("slak_mm::dwconv_weight_grad_cpu", std::vector<c10::IValue>());
+  const int B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  auto dw = torch::zeros({C, 1, kh, kw}, x.options().dtype(at::kFloat));
+  if (x.numel() > 0)
+    run_wgrad(x.data_ptr(), g.data_ptr(), x.scalar_type() == torch::kBFloat16 ? In::kBf16 : In::kF32,
+              dw.data_ptr<float>(), B, C, H, W, static_cast<int>(kh), static_cast<int>(kw));
+  return dw;
+}
+
 // The tile width dwconv_sum uses for these kernels on an H×W map (exposed for the tests' coverage check).
 int64_t tile_width_for(const std::vector<int64_t>& khs, const std::vector<int64_t>& kws, int64_t H, int64_t W) {
   TORCH_CHECK(khs.size() == kws.size() && !khs.empty() && H > 0 && W > 0, "tile_width: bad arguments");
@@ -861,6 +1025,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dwconv_sum_auto", &dwconv_sum_auto,
         "dwconv_sum (dwconv_sum_bf16 under CPU bfloat16 autocast) for plain CPU inference (any layout), None for "
         "anything else");
+  m.def("dwconv_weight_grad", &dwconv_weight_grad,
+        "d(loss)/d(kernel) of a depthwise same conv from x and grad_out (CPU, channels_last, float32 or bfloat16)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("wgrad_calls", [] { return g_wgrad_calls.load(); }, "weight-gradient jobs so far in this process");
   m.def("tile_width", &tile_width_for, "outputs per register tile dwconv_sum uses for kernels (khs, kws) on H×W");
   m.def("calls", [] { return g_calls.load(); }, "kernel runs so far in this process");
   m.def(
