@@ -245,6 +245,40 @@ def test_training_runs_the_kernels_for_forward_and_both_gradients(kernel_calls, 
     assert not dwconv_module.cpu_train_kernel_applies(x.detach().double())
 
 
+@pytest.mark.parametrize('grad', [False, True], ids=['inference', 'training'])
+def test_dispatch_modes_and_functorch_get_pytorch_ops_not_the_kernels(kernel_calls, grad):
+    # Under FakeTensorMode (fake tensors have no data), FlopCounterMode (it counts the ops it sees) and torch.func
+    # transforms, the C++ kernels cannot run: dwconv2d gives PyTorch's convolution there, in inference and training:
+    # a fake result of the right shape, the FLOPs F.conv2d counts, torch.func.grad's gradient (float64 reference).
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    F = torch.nn.functional
+    torch.manual_seed(4)
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 1, 13, 5)
+    with FakeTensorMode() as mode:
+        fx, fw = (mode.from_tensor(t).requires_grad_(grad) for t in (x, w))
+        y = dwconv2d(fx, fw)
+        if grad:
+            y.sum().backward()
+        assert isinstance(y, FakeTensor) and y.shape == x.shape
+
+    def flops(conv):
+        xx, ww = x.clone().requires_grad_(grad), w.clone().requires_grad_(grad)
+        with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(grad):
+            out = conv(xx, ww)
+            if grad:
+                out.sum().backward()
+        return counter.get_total_flops()
+    assert flops(dwconv2d) == flops(lambda a, k: F.conv2d(a, k, padding=(6, 2), groups=8)) > 0
+    if grad:
+        got = torch.func.grad(lambda k: dwconv2d(x, k).square().sum())(w)
+        w64 = w.double().requires_grad_()
+        F.conv2d(x.double(), w64, padding=(6, 2), groups=8).square().sum().backward()
+        assert _close(got, w64.grad)
+    assert not kernel_calls
+
+
 def test_backbone_training_step_on_the_kernels_matches_the_onednn_path(kernel_calls):
     # One training forward + backward of a small SLaK (train-mode BN after each branch, layer scale 1) with the C++
     # kernels and with them off (oneDNN convolutions, FFT / oneDNN weight gradients): every parameter's gradient

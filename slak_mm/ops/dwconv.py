@@ -34,7 +34,9 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._C._functorch import is_functorch_wrapped_tensor as _functorch_wrapped
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .cpu_fusion import _disabled as _disabled_fusions
 from .cpu_fusion import cpu_fusion_enabled
@@ -87,6 +89,18 @@ def _exporting() -> bool:
     ``torch.compile`` is not exporting: its graphs may call slak_mm's own ops (:func:`_inference_call`)."""
     return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
             or (_torch_exporting is not None and _torch_exporting()))
+
+
+def _plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
+    """Plain eager tensors and mode, where slak_mm's C++ kernels may read the data: no dispatch mode active
+    (FakeTensorMode, FlopCounterMode, ... would not see the kernels, and fake tensors have no data), no tensor
+    subclass, no functorch wrapper (vmap, grad). ``torch.compile`` reaches the kernel through its op instead."""
+    if _get_current_dispatch_mode() is not None:
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in (torch.Tensor, torch.nn.Parameter) or _functorch_wrapped(t)):
+            return False
+    return True
 
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
@@ -247,13 +261,13 @@ def _kernel_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return _ck.cpu_dwconv_sum(x, [weight], bias)
 
 
-def cpu_train_kernel_applies(x: torch.Tensor, any_layout: bool = False) -> bool:
+def cpu_train_kernel_applies(x: torch.Tensor, *others: Optional[torch.Tensor], any_layout: bool = False) -> bool:
     """Whether a CPU depthwise convolution whose weight needs its gradient runs on slak_mm's C++ kernels
     (:class:`_CPUDepthwise`, mode ``'kernel'``): ``x`` float32, or under CPU bfloat16 autocast float32 or bfloat16
     (the kernels read it in bfloat16), channels_last as inside SLaK (or any layout with ``any_layout``: the layout
-    choice, :func:`nchw_wins`, asks before converting) and not empty; not compiling or exporting (the kernels are
-    opaque to dynamo); the ``'dwconv_kernel'`` switch on and the kernel built (on the first call that gets this
-    far)."""
+    choice, :func:`nchw_wins`, asks before converting) and not empty; ``x`` and the ``others`` (weight, bias) plain
+    eager tensors (:func:`_plain_eager`); not compiling or exporting (the kernels are opaque to dynamo); the
+    ``'dwconv_kernel'`` switch on and the kernel built (on the first call that gets this far)."""
     if x.device.type != 'cpu' or x.numel() == 0:
         return False
     if not (any_layout or x.is_contiguous(memory_format=torch.channels_last)):
@@ -265,7 +279,7 @@ def cpu_train_kernel_applies(x: torch.Tensor, any_layout: bool = False) -> bool:
         return False
     if torch.compiler.is_compiling() or _exporting() or not cpu_fusion_enabled('dwconv_kernel'):
         return False
-    return cpu_kernel_built()
+    return _plain_eager(x, *others) and cpu_kernel_built()
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -297,7 +311,7 @@ def nchw_wins(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
     if h * w > NCHW_MAX_PIXELS or max(max(clip_to_input(k, h, w).shape[2:]) for k in weights) > NCHW_MAX_EDGE:
         return False
     # measured against oneDNN; slak_mm's C++ training kernels (channels_last) are faster still
-    return not cpu_train_kernel_applies(x, any_layout=True)
+    return not cpu_train_kernel_applies(x, *weights, any_layout=True)
 
 
 #: On CPU, inference of a sum of kernels on a map of >= TRANSPOSE_MIN_PIXELS pixels runs each tall band whose clipped
@@ -372,6 +386,8 @@ def cpu_kernel_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: O
     call that gets this far)."""
     if not (_cpu_f32_inference(x, weights, bias) and cpu_fusion_enabled('dwconv_kernel')):
         return False
+    if not (torch.compiler.is_compiling() or _plain_eager(x, *weights, bias)):
+        return False
     return cpu_kernel_built()
 
 
@@ -402,6 +418,8 @@ def cpu_kernel_low_precision_dtype(x: torch.Tensor, weights: Sequence[torch.Tens
     if any(t.dtype is not operand_dtype for t in (*weights, *(() if bias is None else (bias,)))):
         return None
     if not (_inference_call(x, weights, bias) and cpu_fusion_enabled('dwconv_kernel')):
+        return None
+    if not (torch.compiler.is_compiling() or _plain_eager(x, *weights, bias)):
         return None
     return dtype if cpu_kernel_built() else None
 
@@ -523,6 +541,8 @@ def _torch_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if x.device.type != 'cpu' or not torch.is_grad_enabled() or _exporting() or not (
             weight.requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)):
         return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+    if not _plain_eager(x, weight, bias):  # functorch transforms, fake tensors, dispatch modes: PyTorch's own op
+        return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
     # a gradient is needed: slak_mm's C++ kernels where they apply, else the weight gradient by FFT or oneDNN
     fft = fft and weight.requires_grad and fft_weight_grad_wins(kh, kw)
     if torch.is_autocast_enabled('cpu'):
@@ -530,12 +550,12 @@ def _torch_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         if weight.dtype == torch.float32 and x.dtype in (torch.float32, dtype) and dtype != torch.float32 and (
                 bias is None or bias.dtype == torch.float32):
             x = x.to(dtype)
-            mode = 'kernel' if cpu_train_kernel_applies(x) else 'fft' if fft else 'onednn'
+            mode = 'kernel' if cpu_train_kernel_applies(x, weight, bias) else 'fft' if fft else 'onednn'
             if mode != 'onednn' or weight.requires_grad:
                 return _CPUDepthwise.apply(x, weight, bias, mode)
     elif x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype and (
             bias is None or bias.dtype == x.dtype):
-        if cpu_train_kernel_applies(x):
+        if cpu_train_kernel_applies(x, weight, bias):
             return _CPUDepthwise.apply(x, weight, bias, 'kernel')
         if fft:
             return _CPUDepthwise.apply(x, weight, bias, 'fft')
