@@ -189,7 +189,7 @@ class _CPUDepthwise(torch.autograd.Function):
       forward (the inference kernel with this one kernel), the input gradient (the same kernel run on the output's
       gradient with the kernel flipped) and the weight gradient (``dwconv_weight_grad``: register tiles of kernel
       rows × columns over the map, float32 sums). Its weight gradients are 5-60x faster than the two below at
-      SLaK-T's shapes, and the unit's forward + backward 2.9-4.9x (docs/benchmarks.md, "Depthwise unit at 224: the
+      SLaK-T's shapes, and the unit's forward + backward 3.1-5.7x (docs/benchmarks.md, "Depthwise unit at 224: the
       training path"); before, the depthwise backward was ~30% of SLaK-T's CPU training step.
     - ``'fft'``: forward and input gradient as ``F.conv2d`` runs them (oneDNN), the weight gradient by FFT (oneDNN's
       depthwise weight gradient runs large kernels at a few % of the GEMM rate).

@@ -706,8 +706,10 @@ void run(const void* x, In in, void* out, bool bf16, const Unit& u, const float*
 // 1) loads of x and R T U products, the R T sums held in registers over a band of output rows and then added into the
 // block's float32 sums. Each tile runs only the output rows and columns that reach the map for at least one of its
 // taps; the taps past the kernel's width in its last tile column read zeros and are dropped.
-// Register tiles: kWgradAcc accumulators at most (32 vector registers on AVX-512, 16 elsewhere).
-constexpr int kWgradAcc = L == 16 ? 20 : 8;
+// Register tiles: kWgradAcc accumulators at most (32 vector registers on AVX-512, 16 elsewhere). On AVX-512, 16
+// (tiles of 3 x 5 and 2 x 8) was 1.08-1.09x faster over SLaK-T's stage-0-2 kernels than 20 (4 x 5, which spilled
+// accumulators to the stack); 12 (2 x 5, 1 x 8) on par with 16 in one run, slower in another; U = 2 slower (0.94x).
+constexpr int kWgradAcc = L == 16 ? 16 : 8;
 constexpr int kWgradU = L == 16 ? 4 : 2;
 // Tile width for a kernel kw wide: kw itself up to kWgradMaxT, else the wider of kWgradMaxT - 1 and kWgradMaxT that
 // wastes fewer taps (e.g. 49: 7; 51: 8).
