@@ -394,3 +394,28 @@ def test_dwconv_benchmark_counts_in_map_work():
         cross[:, :, :, (m - n) // 2:(m + n) // 2] = 1
         ref = F.conv2d(torch.ones(1, 1, h, w, dtype=torch.float64), cross, padding=m // 2).sum().item()
         assert benchmark_dwconv.cross_in_map_macs(2, 3, h, w, m, n) == 2 * 3 * ref
+
+
+def test_torch_func_vmap_and_per_sample_gradients_match_a_loop():
+    # Under torch.func transforms the op is PyTorch's own convolutions (functorch cannot batch slak_mm's kernels or
+    # query memory formats inside vmap): vmap over a batch of maps and per-sample weight gradients (vmap of grad, as
+    # DP-SGD computes them) equal a Python loop of F.conv2d calls, float64 (1e-12 of the largest).
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 8, 12, 12, dtype=torch.float64)
+    w, w2 = torch.randn(8, 1, 13, 5, dtype=torch.float64), torch.randn(8, 1, 5, 13, dtype=torch.float64)
+    b = torch.randn(8, dtype=torch.float64)
+
+    def conv(a, k, bias=None):
+        return F.conv2d(a, k, bias, padding=(k.shape[2] // 2, k.shape[3] // 2), groups=8)
+    got = torch.func.vmap(lambda a: dwconv2d_sum(a, [w, w2], b))(x)
+    exp = torch.stack([conv(a, w, b) + conv(a, w2) for a in x])
+    assert (got - exp).abs().max() <= 1e-12 * exp.abs().max()
+    got = torch.func.vmap(lambda a: torch.stack(dwconv2d_branches(a, [w, w2])))(x)
+    exp = torch.stack([torch.stack([conv(a, w), conv(a, w2)]) for a in x])
+    assert (got - exp).abs().max() <= 1e-12 * exp.abs().max()
+    per_sample = torch.func.vmap(torch.func.grad(lambda k, a: dwconv2d(a[None], k).square().sum()),
+                                 in_dims=(None, 0))(w, x[:, 0])
+    for a, g in zip(x[:, 0], per_sample):
+        k = w.clone().requires_grad_()
+        conv(a[None], k).square().sum().backward()
+        assert (g - k.grad).abs().max() <= 1e-12 * k.grad.abs().max()

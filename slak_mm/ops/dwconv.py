@@ -541,7 +541,7 @@ def _torch_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if x.device.type != 'cpu' or not torch.is_grad_enabled() or _exporting() or not (
             weight.requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)):
         return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
-    if not _plain_eager(x, weight, bias):  # functorch transforms, fake tensors, dispatch modes: PyTorch's own op
+    if not (torch.compiler.is_compiling() or _plain_eager(x, weight, bias)):  # fake tensors, dispatch modes
         return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
     # a gradient is needed: slak_mm's C++ kernels where they apply, else the weight gradient by FFT or oneDNN
     fft = fft and weight.requires_grad and fft_weight_grad_wins(kh, kw)
@@ -574,6 +574,22 @@ def _autocast(x: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]]) -> tup
     return x, list(tensors)
 
 
+def _functorch_call(*tensors: Optional[torch.Tensor]) -> bool:
+    """Inside a torch.func transform (vmap, grad, ...): the operands are functorch wrappers. (Not asked while
+    ``torch.compile`` traces: dynamo cannot trace the query, and handles the transforms itself.)"""
+    if torch.compiler.is_compiling():
+        return False
+    return any(t is not None and _functorch_wrapped(t) for t in tensors)
+
+
+def _plain_convs(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """Each kernel's ``F.conv2d`` (``bias`` added to the first), nothing else: under torch.func transforms, which
+    batch and differentiate PyTorch's own ops but not slak_mm's kernels, autograd Functions or memory-format
+    queries (``is_contiguous(memory_format=...)`` is not supported inside vmap)."""
+    return [F.conv2d(x, w, bias if k == 0 else None, padding=(w.shape[2] // 2, w.shape[3] // 2), groups=x.shape[1])
+            for k, w in enumerate(weights)]
+
+
 def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
              impl: str = 'auto') -> torch.Tensor:
     """Depthwise 'same' convolution. x: (N, C, H, W); weight: (C, 1, kh, kw), kh and kw odd; bias: (C,) or None.
@@ -597,6 +613,8 @@ def dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optiona
             return out
     for k, w in enumerate(weights):
         check_dwconv_args(x, w, bias if k == 0 else None, impl)
+    if _functorch_call(x, *weights, bias):
+        return sum(_plain_convs(x, weights, bias))
     if resolve_impl(impl, x) == 'triton':
         from .triton_dwconv import dwconv_branches
         x, (b, *ws) = _autocast(x, [bias, *weights])
@@ -626,6 +644,8 @@ def dwconv2d_branches(x: torch.Tensor, weights: Sequence[torch.Tensor], impl: st
     branches in one launch, the N×M branch in a second)."""
     for w in weights:
         check_dwconv_args(x, w, None, impl)
+    if _functorch_call(x, *weights):
+        return _plain_convs(x, weights, None)
     if resolve_impl(impl, x) == 'triton':
         from .triton_dwconv import dwconv_branches
         x, ws = _autocast(x, weights)
