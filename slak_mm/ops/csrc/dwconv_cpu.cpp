@@ -787,8 +787,10 @@ void run_wgrad(const void* x, const void* g, In in, float* dw, int B, int C, int
       float* Px = xbuf.get(xrows * xcols * L);
       float* Pg = gbuf.get(static_cast<size_t>(H) * gcols * L);
       vf* D = reinterpret_cast<vf*>(dbuf.get(static_cast<size_t>(kh) * kwp * L));
-      std::memset(Px, 0, sizeof(float) * xrows * xcols * L);  // padding; each image overwrites the map only
-      std::memset(Pg, 0, sizeof(float) * H * gcols * L);
+      // the padding, zeroed once per thread and geometry: each image overwrites only the map
+      thread_local ZeroedOnce xzero, gzero;
+      xzero.zero(Px, xrows * xcols * L, {H, W, PT, PL, static_cast<int64_t>(xcols)});
+      gzero.zero(Pg, static_cast<size_t>(H) * gcols * L, {H, W, static_cast<int64_t>(gcols)});
       for (size_t k = 0; k < static_cast<size_t>(kh) * kwp; ++k) D[k] = vf{};
       for (int b = 0; b < B; ++b) {
         const size_t off = (static_cast<size_t>(b) * H * W * C + cb * L) * esize;
