@@ -550,12 +550,12 @@ def _torch_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         if weight.dtype == torch.float32 and x.dtype in (torch.float32, dtype) and dtype != torch.float32 and (
                 bias is None or bias.dtype == torch.float32):
             x = x.to(dtype)
-            mode = 'kernel' if cpu_train_kernel_applies(x, weight, bias) else 'fft' if fft else 'onednn'
+            mode = 'kernel' if cpu_train_kernel_applies(x) else 'fft' if fft else 'onednn'
             if mode != 'onednn' or weight.requires_grad:
                 return _CPUDepthwise.apply(x, weight, bias, mode)
     elif x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype and (
             bias is None or bias.dtype == x.dtype):
-        if cpu_train_kernel_applies(x, weight, bias):
+        if cpu_train_kernel_applies(x):  # (weight and bias: plain, checked above)
             return _CPUDepthwise.apply(x, weight, bias, 'kernel')
         if fft:
             return _CPUDepthwise.apply(x, weight, bias, 'fft')
