@@ -120,6 +120,7 @@ def make_fns(x: torch.Tensor, kernels, phase: str, autocast: torch.dtype = None)
 
     def separate(a, ks):
         return [F.conv2d(a, k, padding=(k.shape[2] // 2, k.shape[3] // 2), groups=c) for k in ks]
+
     def kernel_off(a, ks):  # decided in the forward: the backward keeps the oneDNN / FFT path
         with cpu_fusions_disabled('dwconv_kernel'):
             return dwconv2d_branches(a, ks)
