@@ -139,3 +139,73 @@ def test_eval_mode_runs_bn_folded_and_matches_branchwise(layout):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     m.train()
     assert not m._can_fold(m.branches())
+
+
+def _deployed_unit(channels=6, m=11, n=3):
+    torch.manual_seed(0)
+    lk = LargeKernelConv(channels, m, n, dict(type='BN')).eval()
+    randomize_bn_and_scales(lk)
+    lk.switch_to_deploy()
+    return lk
+
+
+def _dense(lk, x):
+    """Independent reference: the M×M depthwise conv the deployed module holds."""
+    w, b = lk.merged.weight, lk.merged.bias
+    return torch.nn.functional.conv2d(x, w, b, padding=w.shape[-1] // 2, groups=w.shape[0])
+
+
+@pytest.mark.parametrize('change', ['mul_', 'copy_', 'optimizer', 'new_parameter', 'load_state_dict'])
+def test_deployed_unit_sees_weight_changes(change):
+    """The band kernels split from the merged kernel are cached; every way of changing the weight through the
+    parameter (not ``.data``) is seen on the next call, which then matches the M×M conv of the new weight
+    (float32, tolerance 1e-5: the same products summed in another order)."""
+    lk = _deployed_unit()
+    x = torch.randn(2, 6, 13, 17)
+    with torch.no_grad():
+        before = lk(x)
+    torch.testing.assert_close(before, _dense(lk, x), rtol=0, atol=1e-5)
+    w = lk.merged.weight
+    w0 = w.detach().clone()
+    cross = torch.zeros_like(w)  # a new cross-shaped kernel (still runs as bands)
+    cross[:, :, 4:7, :] = torch.randn(6, 1, 3, 11)
+    cross[:, :, :, 4:7] = torch.randn(6, 1, 11, 3)
+    if change == 'mul_':
+        with torch.no_grad():
+            w.mul_(-2)
+    elif change == 'copy_':
+        with torch.no_grad():
+            w.copy_(cross)
+    elif change == 'optimizer':  # gradients reach the merged kernel, and the step changes it
+        opt = torch.optim.SGD(lk.parameters(), lr=0.5)
+        lk(x).square().mean().backward()
+        opt.step()
+    elif change == 'new_parameter':
+        lk.merged.weight = torch.nn.Parameter(cross)
+    else:
+        lk.load_state_dict({'merged.weight': cross, 'merged.bias': lk.merged.bias.detach() + 1})
+    with torch.no_grad():
+        after = lk(x)
+        expected = _dense(lk, x)
+    assert not torch.equal(lk.merged.weight.detach(), w0)  # the kernel itself changed
+    assert not torch.allclose(expected, before, atol=1e-3)  # and that matters
+    torch.testing.assert_close(after, expected, rtol=0, atol=1e-5)
+
+
+def test_deployed_unit_gradients_are_the_dense_kernels():
+    """With gradients on, every tap of the merged M×M kernel gets its gradient (the corners too: they are weights
+    of the module, even where they are zero), equal to F.conv2d's; with the weights frozen, the input gradient
+    still comes from the bands (same values)."""
+    lk = _deployed_unit()
+    x = torch.randn(2, 6, 13, 17, requires_grad=True)
+    g = torch.randn(2, 6, 13, 17)
+    dx, dw, db = torch.autograd.grad(lk(x), (x, lk.merged.weight, lk.merged.bias), g)
+    ref = _dense(lk, x)
+    rdx, rdw, rdb = torch.autograd.grad(ref, (x, lk.merged.weight, lk.merged.bias), g)
+    for a, b in ((dx, rdx), (dw, rdw), (db, rdb)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * b.abs().max().item())
+    assert dw[:, :, :4, :4].abs().sum() > 0  # the corners' gradients, which the bands would leave at zero
+    lk.requires_grad_(False)
+    (dx_frozen,) = torch.autograd.grad(lk(x), x, g)
+    assert lk._bands is not None and len(lk._bands[1]) == 2  # ran as the two bands
+    torch.testing.assert_close(dx_frozen, rdx, rtol=0, atol=1e-4 * rdx.abs().max().item())

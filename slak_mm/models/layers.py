@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import dwconv2d, dwconv2d_branches, dwconv2d_sum, resolve_impl
+from ..ops.dwconv import _exporting, _functorch_wrapped
 from ..ops.fused_mlp import any_hooked
 
 _NORMS = {'BN': nn.BatchNorm2d, 'BN2d': nn.BatchNorm2d, 'SyncBN': nn.SyncBatchNorm}
@@ -97,7 +98,7 @@ class LargeKernelConv(nn.Module):
         m, n = long_edge, short_edge
         if deploy:
             self.merged = DepthwiseConv2d(channels, (m, m), bias=True, conv_impl=conv_impl)
-            self._register_load_state_dict_pre_hook(self._reset_band_cache)
+            self._register_load_state_dict_pre_hook(self.reset_band_cache)
         else:
             if layout == 'decomposed':
                 self.tall = ConvBN(channels, (m, n), norm_cfg, conv_impl)
@@ -105,7 +106,7 @@ class LargeKernelConv(nn.Module):
             else:
                 self.dense = ConvBN(channels, (m, m), norm_cfg, conv_impl)
             self.small = ConvBN(channels, (n, n), norm_cfg, conv_impl) if n < m else None
-        self._bands: Optional[tuple] = None  # deploy: cached band kernels derived from merged.weight
+        self._bands: Optional[tuple] = None  # deploy: (key, band kernels) derived from merged.weight
 
     def branches(self) -> list:
         """The ConvBN branches in kernel order: tall, wide, small (decomposed) or dense, small."""
@@ -161,14 +162,32 @@ class LargeKernelConv(nn.Module):
     def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
         # A cross-shaped M×M kernel runs as two band convs (M×N, and N×M with the shared centre zeroed): ~510 MACs
         # per output instead of M² (2601 at M=51), measured 1-5x faster than one M×M call at every SLaK-T stage shape
-        # (docs/benchmarks.md). Any other kernel (e.g. loaded from elsewhere) runs as one M×M conv.
+        # (docs/benchmarks.md). Any other kernel (e.g. loaded from elsewhere) runs as one M×M conv, and so does a
+        # kernel whose gradient is needed (training or fine-tuning a deployed model): the bands would give its
+        # corner taps no gradient, where the M×M conv the module holds gives every tap its own.
         w, b = self.merged.weight, self.merged.bias
-        bands = self._bands
-        if bands is None or bands[0].device != w.device or bands[0].dtype != w.dtype:
-            bands = self._bands = self._split_bands(w)
+        if _functorch_wrapped(w) or (torch.is_grad_enabled() and w.requires_grad):
+            return dwconv2d(x, w, b, impl=self.conv_impl)
+        bands = self._band_kernels(w)
         if not bands:
             return dwconv2d(x, w, b, impl=self.conv_impl)
         return dwconv2d_sum(x, bands, b, impl=self.conv_impl)  # Triton: both bands in one pass
+
+    def _band_kernels(self, w: torch.Tensor) -> tuple:
+        """:meth:`_split_bands` of ``w``, cached until ``w`` changes: another tensor, device or dtype, or a new value
+        written through the parameter (optimizer steps, ``copy_``, ``load_state_dict``: its version counter). Writes
+        through ``.data`` bypass the version counter; after them call :meth:`reset_band_cache`. While tracing
+        (torch.compile, export) the cached bands are used as they are (``torch.onnx``/``export`` tools run the model
+        once first)."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _exporting():
+            if self._bands is None:
+                self._bands = (None, self._split_bands(w))
+            return self._bands[1]
+        # inference tensors have no version counter: split every call
+        key = (w.data_ptr(), None if w.is_inference() else w._version, w.device, w.dtype)
+        if self._bands is None or self._bands[0] != key or key[1] is None:
+            self._bands = (key, self._split_bands(w))
+        return self._bands[1]
 
     @torch.no_grad()
     def _split_bands(self, w: torch.Tensor) -> tuple:
@@ -181,7 +200,9 @@ class LargeKernelConv(nn.Module):
         wide[:, :, :, lo:hi] = 0
         return w[:, :, :, lo:hi].contiguous(), wide.contiguous()
 
-    def _reset_band_cache(self, *args, **kwargs) -> None:
+    def reset_band_cache(self, *args, **kwargs) -> None:
+        """Forget the cached band kernels of a deployed module (after writing its weight through ``.data``, which
+        the cache cannot see; also a ``load_state_dict`` pre-hook)."""
         self._bands = None
 
     @torch.no_grad()
@@ -212,4 +233,4 @@ class LargeKernelConv(nn.Module):
                 delattr(self, name)
         self.deploy = True
         self._bands = None
-        self._register_load_state_dict_pre_hook(self._reset_band_cache)
+        self._register_load_state_dict_pre_hook(self.reset_band_cache)

@@ -31,7 +31,7 @@ def load_features(spec: str, checkpoint: Optional[str], stage: int) -> Callable[
         if checkpoint:
             from slak_mm.models.checkpoint import extract_state_dict, load_checkpoint_file
             model.load_state_dict(extract_state_dict(load_checkpoint_file(checkpoint)), strict=False)
-        model.eval()
+        model.eval().requires_grad_(False)  # only the input's gradient is needed
         return lambda x: model(x)[0]
     from mmengine.registry import MODELS, init_default_scope
 
@@ -51,7 +51,9 @@ def load_features(spec: str, checkpoint: Optional[str], stage: int) -> Callable[
         else:
             from mmengine.runner import load_checkpoint
             load_checkpoint(backbone, checkpoint, map_location='cpu', revise_keys=[(r'^backbone\.', '')])
-    backbone.eval()
+    # only the input's gradient is needed: no weight gradients (a deployed SLaK would otherwise run its merged
+    # kernels as dense M×M convs, which give every tap its gradient)
+    backbone.eval().requires_grad_(False)
     return lambda x: backbone(x)[0]
 
 
