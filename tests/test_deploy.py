@@ -209,3 +209,22 @@ def test_deployed_unit_gradients_are_the_dense_kernels():
     (dx_frozen,) = torch.autograd.grad(lk(x), x, g)
     assert lk._bands is not None and len(lk._bands[1]) == 2  # ran as the two bands
     torch.testing.assert_close(dx_frozen, rdx, rtol=0, atol=1e-4 * rdx.abs().max().item())
+
+
+def test_deployed_backbone_compiles_to_one_graph():
+    """torch.compile of a deployed SLaK (after one eager call, which splits the bands) traces the whole forward as
+    one graph: the band cache's checks stay out of dynamo's way (a functorch query there broke the graph once per
+    block), and the compiled output equals eager's (float32, 1e-5)."""
+    torch.manual_seed(0)
+    model = SLaK(dict(depths=[1, 1, 1, 1], dims=[8, 8, 8, 8]), kernel_size=[13, 11, 9, 7, 3]).eval()
+    randomize_bn_and_scales(model)
+    model.switch_to_deploy()
+    x = torch.randn(1, 3, 64, 64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(x)
+        explained = torch._dynamo.explain(model)(x)
+        compiled = torch.compile(model)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

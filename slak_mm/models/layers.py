@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import dwconv2d, dwconv2d_branches, dwconv2d_sum, resolve_impl
-from ..ops.dwconv import _exporting, _functorch_wrapped
+from ..ops.dwconv import _exporting, _functorch_call
 from ..ops.fused_mlp import any_hooked
 
 _NORMS = {'BN': nn.BatchNorm2d, 'BN2d': nn.BatchNorm2d, 'SyncBN': nn.SyncBatchNorm}
@@ -166,7 +166,7 @@ class LargeKernelConv(nn.Module):
         # kernel whose gradient is needed (training or fine-tuning a deployed model): the bands would give its
         # corner taps no gradient, where the M×M conv the module holds gives every tap its own.
         w, b = self.merged.weight, self.merged.bias
-        if _functorch_wrapped(w) or (torch.is_grad_enabled() and w.requires_grad):
+        if _functorch_call(w) or (torch.is_grad_enabled() and w.requires_grad):
             return dwconv2d(x, w, b, impl=self.conv_impl)
         bands = self._band_kernels(w)
         if not bands:
