@@ -1,4 +1,6 @@
 """Deploy-time re-parameterisation: BN folded, three branches merged into one M×M kernel per block, exactly."""
+import warnings
+
 import pytest
 import torch
 
@@ -178,7 +180,8 @@ def test_deployed_unit_sees_weight_changes(change):
             w.copy_(cross)
     elif change == 'optimizer':  # gradients reach the merged kernel, and the step changes it
         opt = torch.optim.SGD(lk.parameters(), lr=0.5)
-        lk(x).square().mean().backward()
+        with pytest.warns(UserWarning, match='dense M×M conv'):
+            lk(x).square().mean().backward()
         opt.step()
     elif change == 'new_parameter':
         lk.merged.weight = torch.nn.Parameter(cross)
@@ -199,14 +202,18 @@ def test_deployed_unit_gradients_are_the_dense_kernels():
     lk = _deployed_unit()
     x = torch.randn(2, 6, 13, 17, requires_grad=True)
     g = torch.randn(2, 6, 13, 17)
-    dx, dw, db = torch.autograd.grad(lk(x), (x, lk.merged.weight, lk.merged.bias), g)
+    with pytest.warns(UserWarning, match=r'torch.no_grad\(\).*two bands'):  # says how to get the fast path
+        y = lk(x)
+    dx, dw, db = torch.autograd.grad(y, (x, lk.merged.weight, lk.merged.bias), g)
     ref = _dense(lk, x)
     rdx, rdw, rdb = torch.autograd.grad(ref, (x, lk.merged.weight, lk.merged.bias), g)
     for a, b in ((dx, rdx), (dw, rdw), (db, rdb)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * b.abs().max().item())
     assert dw[:, :, :4, :4].abs().sum() > 0  # the corners' gradients, which the bands would leave at zero
     lk.requires_grad_(False)
-    (dx_frozen,) = torch.autograd.grad(lk(x), x, g)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # frozen weights: the bands, no warning
+        (dx_frozen,) = torch.autograd.grad(lk(x), x, g)
     assert lk._bands is not None and len(lk._bands[1]) == 2  # ran as the two bands
     torch.testing.assert_close(dx_frozen, rdx, rtol=0, atol=1e-4 * rdx.abs().max().item())
 

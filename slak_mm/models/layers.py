@@ -3,6 +3,7 @@
 Everything here needs torch only. Shapes follow PyTorch: conv weights (C, 1, kh, kw); M is a stage's long kernel edge,
 N the short edge (see docs/architecture in README and ../shared/docs/slak_reference.md §2).
 """
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -12,6 +13,11 @@ import torch.nn.functional as F
 from ..ops import dwconv2d, dwconv2d_branches, dwconv2d_sum, resolve_impl
 from ..ops.dwconv import _exporting, _functorch_call
 from ..ops.fused_mlp import any_hooked
+
+DENSE_DEPLOYED_WARNING = (
+    "a deployed SLaK block ran with its merged kernel's gradient on, so it ran the kernel as the dense M×M conv (every "
+    "tap gets its gradient; 1-5x the two-band time): for inference, call the model under torch.no_grad() or "
+    "torch.inference_mode(), or freeze its weights (model.requires_grad_(False)), and it runs the two bands")
 
 _NORMS = {'BN': nn.BatchNorm2d, 'BN2d': nn.BatchNorm2d, 'SyncBN': nn.SyncBatchNorm}
 
@@ -167,6 +173,8 @@ class LargeKernelConv(nn.Module):
         # corner taps no gradient, where the M×M conv the module holds gives every tap its own.
         w, b = self.merged.weight, self.merged.bias
         if _functorch_call(w) or (torch.is_grad_enabled() and w.requires_grad):
+            if not torch.compiler.is_compiling():
+                warnings.warn(DENSE_DEPLOYED_WARNING)  # (shown once: the default filter, one location)
             return dwconv2d(x, w, b, impl=self.conv_impl)
         bands = self._band_kernels(w)
         if not bands:
