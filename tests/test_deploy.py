@@ -219,19 +219,39 @@ def test_deployed_unit_gradients_are_the_dense_kernels():
 
 
 def test_deployed_backbone_compiles_to_one_graph():
-    """torch.compile of a deployed SLaK (after one eager call, which splits the bands) traces the whole forward as
-    one graph: the band cache's checks stay out of dynamo's way (a functorch query there broke the graph once per
-    block), and the compiled output equals eager's (float32, 1e-5)."""
+    """torch.compile traces a deployed SLaK as one graph, with no eager call first: ``switch_to_deploy`` and
+    ``load_state_dict`` split the bands (the data-dependent cross-kernel check) outside the graph (before, the check
+    broke the graph at every block: 14 graphs), and the band cache's other checks stay out of dynamo's way (a
+    functorch query there broke it too). Compiled outputs equal eager's (float32, 1e-5)."""
     torch.manual_seed(0)
-    model = SLaK(dict(depths=[1, 1, 1, 1], dims=[8, 8, 8, 8]), kernel_size=[13, 11, 9, 7, 3]).eval()
+    arch, ks = dict(depths=[1, 1, 1, 1], dims=[8, 8, 8, 8]), [13, 11, 9, 7, 3]
+    model = SLaK(arch, kernel_size=ks).eval()
     randomize_bn_and_scales(model)
     model.switch_to_deploy()
+    loaded = SLaK(arch, kernel_size=ks, deploy=True).eval()
+    loaded.load_state_dict(model.state_dict())
     x = torch.randn(1, 3, 64, 64)
+    for m in (model, loaded):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            explained = torch._dynamo.explain(m)(x)
+            compiled = torch.compile(m)(x)
+            eager = m(x)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        for a, b in zip(compiled, eager):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_compiled_deployed_unit_reads_the_live_weight():
+    """A compiled deployed block slices its bands from the weight in the graph: an in-place change between two
+    compiled calls (no eager call in between) is seen, and the result matches the M×M conv of the new weight
+    (float32, 1e-5)."""
+    lk = _deployed_unit()
+    x = torch.randn(2, 6, 13, 17)
     torch._dynamo.reset()
+    compiled = torch.compile(lk)
     with torch.no_grad():
-        eager = model(x)
-        explained = torch._dynamo.explain(model)(x)
-        compiled = torch.compile(model)(x)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        torch.testing.assert_close(compiled(x), _dense(lk, x), rtol=0, atol=1e-5)
+        lk.merged.weight[:, :, 4:7, :].mul_(-3)  # still a cross
+        expected = _dense(lk, x)
+        torch.testing.assert_close(compiled(x), expected, rtol=0, atol=1e-5)

@@ -104,7 +104,7 @@ class LargeKernelConv(nn.Module):
         m, n = long_edge, short_edge
         if deploy:
             self.merged = DepthwiseConv2d(channels, (m, m), bias=True, conv_impl=conv_impl)
-            self._register_load_state_dict_pre_hook(self.reset_band_cache)
+            self._register_band_hooks()
         else:
             if layout == 'decomposed':
                 self.tall = ConvBN(channels, (m, n), norm_cfg, conv_impl)
@@ -185,12 +185,13 @@ class LargeKernelConv(nn.Module):
         """:meth:`_split_bands` of ``w``, cached until ``w`` changes: another tensor, device or dtype, or a new value
         written through the parameter (optimizer steps, ``copy_``, ``load_state_dict``: its version counter). Writes
         through ``.data`` bypass the version counter; after them call :meth:`reset_band_cache`. While tracing
-        (torch.compile, export) the cached bands are used as they are (``torch.onnx``/``export`` tools run the model
-        once first)."""
+        (torch.compile, export), where the cache's key cannot be read, the bands are sliced from ``w`` in the graph
+        (so a compiled model reads the live weight), and only whether ``w`` is a cross comes from the cache (the
+        last eager call's, or decided here once: a data-dependent check, which breaks a compiled graph)."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or _exporting():
             if self._bands is None:
                 self._bands = (None, self._split_bands(w))
-            return self._bands[1]
+            return self._slice_bands(w) if self._bands[1] else ()
         # inference tensors have no version counter: split every call
         key = (w.data_ptr(), None if w.is_inference() else w._version, w.device, w.dtype)
         if self._bands is None or self._bands[0] != key or key[1] is None:
@@ -202,16 +203,34 @@ class LargeKernelConv(nn.Module):
         """(tall M×N, wide N×M without the centre) contiguous band kernels, or () if ``w`` is not a cross."""
         if not is_cross_kernel(w, self.short_edge):
             return ()
+        return self._slice_bands(w)
+
+    def _slice_bands(self, w: torch.Tensor) -> tuple:
+        """(tall M×N, wide N×M with its N×N centre zeroed) of a cross-shaped ``w``, by slicing and concatenation
+        (traceable and exportable)."""
         m, n = self.long_edge, self.short_edge
         lo, hi = (m - n) // 2, (m + n) // 2
-        wide = w[:, :, lo:hi, :].clone()
-        wide[:, :, :, lo:hi] = 0
-        return w[:, :, :, lo:hi].contiguous(), wide.contiguous()
+        row = w[:, :, lo:hi, :]
+        wide = torch.cat([row[..., :lo], torch.zeros_like(row[..., lo:hi]), row[..., hi:]], dim=3)
+        return w[:, :, :, lo:hi].contiguous(), wide
 
     def reset_band_cache(self, *args, **kwargs) -> None:
         """Forget the cached band kernels of a deployed module (after writing its weight through ``.data``, which
         the cache cannot see; also a ``load_state_dict`` pre-hook)."""
         self._bands = None
+
+    @torch.no_grad()
+    def split_bands_now(self, *args, **kwargs) -> None:
+        """Split the deployed kernel into its bands now, outside any graph (after ``switch_to_deploy`` and
+        ``load_state_dict``), so that ``torch.compile`` finds the cross-kernel check done and traces the model as one
+        graph."""
+        if self.deploy and not self.merged.weight.is_meta:
+            self.reset_band_cache()
+            self._band_kernels(self.merged.weight)
+
+    def _register_band_hooks(self) -> None:
+        self._register_load_state_dict_pre_hook(self.reset_band_cache)
+        self.register_load_state_dict_post_hook(self.split_bands_now)
 
     @torch.no_grad()
     def merged_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -240,5 +259,5 @@ class LargeKernelConv(nn.Module):
             if hasattr(self, name):
                 delattr(self, name)
         self.deploy = True
-        self._bands = None
-        self._register_load_state_dict_pre_hook(self.reset_band_cache)
+        self._register_band_hooks()
+        self.split_bands_now()
